@@ -1,0 +1,255 @@
+"""The `llmlab` command line: list, config, run, eval, report, data, demo.
+
+Exit codes: 0 success; 1 a failure while running (missing data, divergence, corrupt checkpoint); 2 a bad
+command line or config (nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmlab.config import ConfigError
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from llmlab.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        print(f"{recipe.name}  —  {recipe.description}")
+        print(f"    dataset: {recipe.dataset}")
+        for preset in recipe.presets:
+            target = recipe.target(preset)
+            mark = "*" if preset == recipe.default_preset else " "
+            goal = f"  [target: {target.describe()}]" if target else ""
+            print(f"   {mark}{preset:<9} {recipe.preset_help.get(preset, '')}{goal}")
+    print("\n(* default preset)  Run one: llmlab run RECIPE [--preset P] [key=value ...]")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from llmlab.config import to_dict
+    from llmlab.runner import resolve_config
+
+    _, cfg, _ = resolve_config(args.recipe, args.preset, args.overrides)
+    print(json.dumps(to_dict(cfg), indent=2))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from llmlab.runner import run
+
+    result = run(
+        args.recipe,
+        args.preset,
+        args.overrides,
+        out=args.out,
+        resume=args.resume,
+        device=args.device,
+        data_dir=args.data_dir,
+    )
+    if "metrics" in result:
+        _print_result(result, args.out)
+    return 0
+
+
+def _print_result(result: dict, out: Path | None) -> None:
+    target = result.get("target")
+    lines = [f"{k} = {v:.4f}" for k, v in result["metrics"].items()]
+    print("\n".join(lines))
+    if target and target.get("achieved") is not None:
+        verdict = "met" if target["met"] else "NOT met"
+        sign = ">=" if target["higher_is_better"] else "<="
+        print(f"target {target['metric']} {sign} {target['value']}: {verdict}")
+    speed = result["throughput"]
+    print(f"wall time {result['wall_time_s']:.1f}s, {speed['value']:.0f} {speed['unit']}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from llmlab.runner import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, split=args.split, device=args.device, data_dir=args.data_dir)
+    print(json.dumps({f"{args.split}/{k}": v for k, v in metrics.items()}, indent=2))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from llmlab.report import compare_runs, load_run, write_report
+
+    runs = [load_run(Path(d)) for d in args.run_dirs]
+    if len(runs) == 1:
+        path = write_report(runs[0])
+        print(path.read_text())
+        print(f"(written to {path})", file=sys.stderr)
+        return 0
+    table = compare_runs(runs)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+        print(f"(written to {args.out})", file=sys.stderr)
+    print(table)
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from llmlab.data import DATASETS, dataset_status, download_dataset, format_status
+
+    if args.data_command == "status":
+        names = [args.name] if args.name else list(DATASETS)
+        for name in names:
+            if name not in DATASETS:
+                raise ConfigError(f"unknown dataset {name!r} (datasets: {', '.join(DATASETS)})")
+        print(format_status([dataset_status(n, args.data_dir) for n in names]))
+        return 0
+    if args.name not in DATASETS:
+        raise ConfigError(f"unknown dataset {args.name!r} (datasets: {', '.join(DATASETS)})")
+    if DATASETS[args.name].bundled:
+        print(f"{args.name}: bundled with its library; nothing to download")
+        return 0
+    path = download_dataset(args.name, args.data_dir)
+    print(f"{args.name}: ready in {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Train the stage-1 MLP on MNIST when the data root has it, else on scikit-learn's bundled digits."""
+    from llmlab.data import data_root, dataset_status
+    from llmlab.runner import default_out_dir, run
+
+    root = data_root(args.data_dir)
+    status = dataset_status("mnist", args.data_dir)
+    if status.state == "present":
+        preset, source = "default", f"real MNIST from {root}"
+    else:
+        preset, source = (
+            "digits",
+            (
+                f"scikit-learn's bundled 8x8 digits (MNIST is {status.state} in {root}; "
+                "`llmlab data download mnist` fetches it)"
+            ),
+        )
+    print(f"llmlab demo: mnist-mlp --preset {preset} on {source}", flush=True)
+    out = Path(args.out) if args.out else default_out_dir("mnist-mlp", preset)
+    result = run("mnist-mlp", preset, [], out=out, device=args.device, data_dir=args.data_dir)
+    _print_result(result, out)
+    print(
+        f"\nreport: {out / 'report.md'}\ncurves: {out / 'curves.png'}\n"
+        f"TensorBoard: tensorboard --logdir {out / 'tb'}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def device_and_data(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=None,
+            help="data root (default: $LLMLAB_DATA, else ~/.cache/llmlab)",
+        )
+
+    p = sub.add_parser("list", help="recipes with their dataset, presets and targets")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("config", help="print a recipe's resolved config (preset + overrides)")
+    p.add_argument("recipe")
+    p.add_argument("--preset", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "run",
+        help="train a recipe",
+        description="Train a recipe. Overrides are dotted key=value pairs checked against the "
+        "recipe's config (see `llmlab config RECIPE`).",
+    )
+    p.add_argument("recipe")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/RECIPE-PRESET-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    device_and_data(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a finished run's weights on a split")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--split", default="test")
+    device_and_data(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="write a run's report.md, or compare several runs in one table")
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="also write the comparison table to this file")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("data", help="dataset status and downloads")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("status", help="per dataset: present/missing, expected files, checksums")
+    q.add_argument("name", nargs="?", default=None)
+    q.add_argument("--data-dir", type=Path, default=None)
+    q = dsub.add_parser("download", help="download a dataset from its official source, with checksums")
+    q.add_argument("name")
+    q.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser(
+        "demo", help="train the stage-1 MLP end to end (MNIST if present, else bundled digits)"
+    )
+    p.add_argument("--out", type=Path, default=None)
+    device_and_data(p)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after options (`run R a=1 --preset P b=2`); argparse leaves the later ones.
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if "=" not in e or e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from llmlab.data.store import DataCorruptError, DataDownloadError, DataMissingError
+    from llmlab.report import RunDirError
+    from llmlab.train.checkpoint import CheckpointError
+    from llmlab.train.distributed import DeviceError
+    from llmlab.train.trainer import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"llmlab: error: {err}", file=sys.stderr)
+        return 2
+    except (
+        DataMissingError,
+        DataCorruptError,
+        DataDownloadError,
+        CheckpointError,
+        NonFiniteLossError,
+        DeviceError,
+        RunDirError,
+    ) as err:
+        print(f"llmlab: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llmlab: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""The recipe registry: one recipe per stage of the ladder (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import difflib
+
+from llmlab.config import ConfigError
+from llmlab.recipes.base import BuildContext, Experiment, Recipe, Target
+from llmlab.recipes.mnist_mlp import MnistMLP
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (MnistMLP(),)}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, list(RECIPES), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown recipe {name!r} (recipes: {', '.join(RECIPES)}).{hint}")
+    return RECIPES[name]
+
+
+__all__ = ["RECIPES", "BuildContext", "Experiment", "Recipe", "Target", "get_recipe"]

@@ -1,0 +1,91 @@
+"""What a recipe is: a typed config with named presets, a target, and how to build model, data and loss.
+
+The runner (llmlab/runner.py) turns a recipe + preset + overrides into a run directory: it builds the
+Experiment, hands it to the one Trainer, and writes the run record and report.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from llmlab.config import ConfigError
+from llmlab.train.callbacks import Callback
+from llmlab.train.distributed import DistEnv
+
+
+@dataclass(frozen=True)
+class Target:
+    """The figure a preset is meant to reach, e.g. test/accuracy >= 0.98."""
+
+    metric: str
+    value: float
+    higher_is_better: bool = True
+
+    def met(self, achieved: float | None) -> bool | None:
+        if achieved is None:
+            return None
+        return achieved >= self.value if self.higher_is_better else achieved <= self.value
+
+    def describe(self) -> str:
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.value:g}"
+
+
+@dataclass
+class BuildContext:
+    """Where and how the experiment will run."""
+
+    device: torch.device
+    dist: DistEnv = field(default_factory=DistEnv)
+    data_dir: Path | None = None  # --data-dir; None: LLMLAB_DATA or ~/.cache/llmlab
+
+
+@dataclass
+class Experiment:
+    """Everything the Trainer needs, built by a recipe from its config."""
+
+    model: nn.Module
+    task: Any
+    optimizer: torch.optim.Optimizer
+    train_loader: Any
+    eval_loaders: dict[str, Iterable]  # evaluated during training, for model selection ("val")
+    final_loaders: dict[str, Iterable]  # evaluated once at the end ("test")
+    data_description: str
+    notes: list[str] = field(default_factory=list)
+    callbacks: list[Callback] = field(default_factory=list)
+
+
+class Recipe:
+    """Subclasses set the class attributes and implement `build`. Configs have `seed`, `train` (TrainConfig)
+    and `schedule` (ScheduleConfig) fields, plus whatever the model and data need."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    dataset: ClassVar[str]
+    config_cls: ClassVar[type]
+    presets: ClassVar[dict[str, Callable[[], Any]]]
+    preset_help: ClassVar[dict[str, str]] = {}
+    targets: ClassVar[dict[str, Target]] = {}  # per preset; presets without one claim no target
+    default_preset: ClassVar[str] = "default"
+
+    def config(self, preset: str | None = None) -> Any:
+        preset = preset or self.default_preset
+        if preset not in self.presets:
+            close = difflib.get_close_matches(preset, list(self.presets), n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"recipe {self.name!r} has no preset {preset!r} (presets: {', '.join(self.presets)}).{hint}"
+            )
+        return self.presets[preset]()
+
+    def target(self, preset: str) -> Target | None:
+        return self.targets.get(preset)
+
+    def build(self, cfg: Any, ctx: BuildContext) -> Experiment:
+        raise NotImplementedError

@@ -1,0 +1,234 @@
+"""Run a recipe: resolve its config, build it, train it with the one Trainer, write the run record.
+
+A run directory holds config.json (fully resolved), metrics.jsonl, tb/ (TensorBoard), checkpoints/,
+model.safetensors (final weights), result.json, curves.png and report.md. Nothing is written until the
+config is valid and the data is found, and an existing run is never overwritten: it is resumed
+(`--resume`) or left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import llmlab
+from llmlab.config import ConfigError, apply_overrides, flatten, from_dict, to_dict
+from llmlab.recipes import BuildContext, get_recipe
+from llmlab.report import RunDirError
+from llmlab.train.callbacks import Callback, MetricsFile, ProgressBar, TensorBoard
+from llmlab.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, save_weights
+from llmlab.train.distributed import DistEnv, init_distributed, local_rank_from_env, resolve_device
+from llmlab.train.record import git_commit, hardware_info, now_iso, peak_memory, versions, write_json
+from llmlab.train.rng import seed_everything, set_deterministic
+from llmlab.train.trainer import NonFiniteLossError, Trainer, evaluate
+
+
+class RunConflictError(ConfigError):
+    """The output directory conflicts with the request (exists without --resume, or mismatching config)."""
+
+
+def default_out_dir(recipe: str, preset: str) -> Path:
+    return Path("runs") / f"{recipe}-{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_config(recipe_name: str, preset: str | None, overrides: Sequence[str]) -> tuple[Any, Any, str]:
+    recipe = get_recipe(recipe_name)
+    preset = preset or recipe.default_preset
+    cfg = apply_overrides(recipe.config(preset), list(overrides))
+    return recipe, cfg, preset
+
+
+def _check_resume(out: Path, recipe_name: str, preset: str, cfg: Any) -> None:
+    stored_path = out / "config.json"
+    if not stored_path.exists():
+        raise RunConflictError(f"--resume: {out} is not a run directory (no config.json); nothing to resume")
+    stored = json.loads(stored_path.read_text())
+    if (stored.get("recipe"), stored.get("preset")) != (recipe_name, preset):
+        raise RunConflictError(
+            f"--resume: {out} is a run of {stored.get('recipe')} --preset {stored.get('preset')}, "
+            f"not {recipe_name} --preset {preset}"
+        )
+    old, new = flatten(stored["config"]), flatten(to_dict(cfg))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise RunConflictError(
+            f"--resume continues a run with its own config; these overrides change it: {changes}"
+        )
+
+
+def run(
+    recipe_name: str,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    out: Path | str | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    data_dir: Path | str | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Train `recipe_name` and return its result.json content."""
+    started, t0 = now_iso(), time.perf_counter()
+    recipe, cfg, preset = resolve_config(recipe_name, preset, overrides)  # ConfigError: nothing written
+    out = Path(out) if out is not None else default_out_dir(recipe.name, preset)
+    if resume:
+        _check_resume(out, recipe.name, preset, cfg)
+    elif (out / "config.json").exists():
+        raise RunConflictError(
+            f"{out} already holds a run; continue it with --resume or choose another --out"
+        )
+
+    dev = resolve_device(device, local_rank_from_env())
+    env = init_distributed(dev)
+    set_deterministic(cfg.train.deterministic)
+    seed_everything(cfg.seed)
+    exp = recipe.build(cfg, BuildContext(device=dev, dist=env, data_dir=Path(data_dir) if data_dir else None))
+    if env.enabled:
+        # Same initial weights everywhere (DDP also broadcasts them); different dropout masks per process.
+        torch.manual_seed(cfg.seed + 1000 * env.rank)
+
+    cbs: list[Callback] = []
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json(
+                out / "config.json",
+                {
+                    "recipe": recipe.name,
+                    "preset": preset,
+                    "overrides": list(overrides),
+                    "config": to_dict(cfg),
+                    "llmlab_version": llmlab.__version__,
+                },
+            )
+        cbs = [MetricsFile(out / "metrics.jsonl"), TensorBoard(out / "tb"), ProgressBar(), *exp.callbacks]
+    cbs.extend(callbacks)
+
+    trainer = Trainer(
+        exp.model,
+        exp.task,
+        exp.optimizer,
+        exp.train_loader,
+        cfg.train,
+        cfg.schedule,
+        eval_loaders=exp.eval_loaders,
+        final_loaders=exp.final_loaders,
+        device=dev,
+        dist_env=env,
+        checkpoint_dir=out / "checkpoints",
+        callbacks=cbs,
+        name=f"{recipe.name}:{preset}",
+    )
+    status, error = "completed", None
+    try:
+        trainer.fit(resume=resume)
+    except NonFiniteLossError as err:
+        status, error = "diverged", str(err)
+    except KeyboardInterrupt:
+        status, error = "interrupted", "interrupted by the user; continue with --resume"
+
+    result = None
+    if env.is_main:
+        if status == "completed":
+            save_weights(
+                out / "model.safetensors",
+                trainer.raw_model.state_dict(),
+                metadata={"recipe": recipe.name, "preset": preset, "step": str(trainer.step)},
+            )
+        target = recipe.target(preset)
+        achieved = trainer.final_metrics.get(target.metric) if target else None
+        mem, mem_kind = peak_memory(dev)
+        result = {
+            "recipe": recipe.name,
+            "preset": preset,
+            "status": status,
+            "metrics": trainer.final_metrics,
+            "target": None
+            if target is None
+            else {
+                "metric": target.metric,
+                "value": target.value,
+                "higher_is_better": target.higher_is_better,
+                "achieved": achieved,
+                "met": target.met(achieved),
+            },
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+            "train_time_s": round(trainer.train_time_s, 2),
+            "steps": trainer.step,
+            "epochs": round(trainer.epoch_float, 4),
+            "stop_reason": trainer.stop_reason,
+            "throughput": {
+                "value": trainer.units_seen / max(trainer.train_time_s, 1e-9),
+                "unit": f"{exp.task.unit}/s",
+            },
+            "peak_memory_mb": round(mem, 1),
+            "peak_memory_kind": mem_kind,
+            "n_params": trainer.n_params,
+            "seed": cfg.seed,
+            "device": dev.type,
+            "precision": trainer.precision,
+            "world_size": env.world_size,
+            "hardware": hardware_info(),
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "started_at": started,
+            "finished_at": now_iso(),
+            "data": exp.data_description,
+            "notes": exp.notes + ([error] if error else []),
+        }
+        write_json(out / "result.json", result)
+        from llmlab.report import write_report
+
+        write_report(out)
+    if status == "diverged":
+        raise NonFiniteLossError(error)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return result if result is not None else {"status": status, "rank": env.rank}
+
+
+def load_run_config(run_dir: Path) -> tuple[Any, Any, str]:
+    """(recipe, config dataclass, preset) stored in a run directory."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise RunDirError(f"{run_dir} is not an llmlab run directory: config.json missing")
+    try:
+        stored = json.loads(path.read_text())
+        recipe = get_recipe(stored["recipe"])
+        return recipe, from_dict(recipe.config_cls, stored["config"]), stored["preset"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise RunDirError(f"{path} is corrupt: {err}") from err
+
+
+def evaluate_run(
+    run_dir: Path | str, split: str = "test", device: str = "auto", data_dir: Path | str | None = None
+) -> dict[str, float]:
+    """Rebuild a finished run's model and data from its config and evaluate its final weights on `split`."""
+    run_dir = Path(run_dir)
+    recipe, cfg, _ = load_run_config(run_dir)
+    dev = resolve_device(device)
+    seed_everything(cfg.seed)
+    exp = recipe.build(
+        cfg, BuildContext(device=dev, dist=DistEnv(), data_dir=Path(data_dir) if data_dir else None)
+    )
+    loaders = {**exp.eval_loaders, **exp.final_loaders}
+    if split not in loaders:
+        raise ConfigError(f"split {split!r} not available; choose from {', '.join(loaders)}")
+    weights = run_dir / "model.safetensors"
+    if weights.exists():
+        state = load_weights(weights, map_location=str(dev))
+    else:
+        from llmlab.train.checkpoint import load_checkpoint
+
+        last = latest_checkpoint(run_dir / "checkpoints")
+        if last is None:
+            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint to evaluate")
+        state, _ = load_checkpoint(last, map_location=dev)
+    exp.model.to(dev).load_state_dict(state)
+    return evaluate(exp.model, exp.task, loaders[split], dev)

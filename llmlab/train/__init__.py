@@ -1,0 +1,1 @@
+"""The training engine: the one Trainer, its configs, checkpoints, callbacks and run-record helpers."""

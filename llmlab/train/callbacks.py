@@ -1,0 +1,137 @@
+"""Callbacks: the few events of the Trainer, and the loggers every run uses.
+
+Events: on_train_start, on_step_end (after each optimizer step), on_log (a train or eval record),
+on_checkpoint, on_train_end. A callback may set `trainer.should_stop = True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmlab.train.trainer import Trainer
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, loss: float) -> None: ...
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class MetricsFile(Callback):
+    """metrics.jsonl: one JSON line per record. On resume, lines after the checkpoint's step (written by the
+    killed process after its last checkpoint) are dropped, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if rec.get("step", 0) <= trainer.step:
+                    kept.append(line)
+            self.path.write_text("".join(k + "\n" for k in kept))
+        self._file = open(self.path, "a")
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoard(Callback):
+    """Scalars under tb/ as `split/metric`; a resumed run purges events after its checkpoint's step."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.writer = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.step + 1 if trainer.step else None)
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        split = record["split"]
+        for key, value in record.items():
+            if key in ("step", "split") or not isinstance(value, (int, float)):
+                continue
+            self.writer.add_scalar(f"{split}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
+
+def _progress_enabled() -> bool:
+    flag = os.environ.get("LLMLAB_PROGRESS")
+    if flag is not None:
+        return flag not in ("0", "false", "no", "")
+    return sys.stderr.isatty()
+
+
+class ProgressBar(Callback):
+    """A tqdm bar (on a terminal; LLMLAB_PROGRESS=1/0 forces it) and one printed line per evaluation."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.last_train: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=trainer.total_steps,
+            initial=trainer.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not _progress_enabled(),
+            desc=trainer.name,
+        )
+
+    def on_step_end(self, trainer: Trainer, loss: float) -> None:
+        self.bar.update(1)
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if record["split"] == "train":
+            self.last_train = record
+            unit = trainer.task.unit
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{unit}/s": f"{record['throughput']:.0f}"})
+            return
+        parts = [f"step {record['step']}/{trainer.total_steps}", f"epoch {record['epoch']:.2f}"]
+        if self.last_train:
+            parts.append("train " + _fmt(self.last_train))
+        parts.append(f"{record['split']} " + _fmt(record))
+        self.bar.write(" | ".join(parts), file=sys.stderr)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _fmt(record: dict[str, Any]) -> str:
+    skip = {"step", "epoch", "split", "time_s", "lr", "throughput"}
+    out = []
+    for key, value in record.items():
+        if key in skip or not isinstance(value, float):
+            continue
+        out.append(f"{key} {value:.2%}" if key == "accuracy" else f"{key} {value:.4f}")
+    return " ".join(out)

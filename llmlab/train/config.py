@@ -1,0 +1,98 @@
+"""Typed configs of the training engine: the loop, the optimizer and the learning-rate schedule.
+
+Recipes compose these with their model and data configs into one run config (see llmlab/recipes/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    """The loop. `batch_size` is the GLOBAL batch of one optimizer step: summed over processes and
+    micro-batches, so a run gives the same updates under 1 or N processes (per process: batch_size / N,
+    split into grad_accum micro-batches)."""
+
+    batch_size: int = 128
+    grad_accum: int = 1
+    max_epochs: float | None = 1.0
+    max_steps: int | None = None  # when set, wins over max_epochs
+    max_time_s: float | None = (
+        None  # stop early after this much training time (the schedule is not shortened)
+    )
+    grad_clip: float | None = None  # max global L2 norm of the gradients
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
+    eval_batch_size: int | None = None  # default: batch_size
+    log_every: int = 50  # steps between train-metric log lines
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of each epoch; <0 = never
+    keep_checkpoints: int = 2
+    deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN autotuning
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set max_steps or max_epochs")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ValueError("max_epochs must be > 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError("grad_clip must be > 0 (or none)")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """`manual_sgd` is the hand-written SGD of llmlab.nn.manual (same update as `sgd`)."""
+
+    name: Literal["sgd", "manual_sgd", "adamw", "adam"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False  # False: no weight decay on 1-D parameters (biases, norm scales)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adam(w)
+    eps: float = 1e-8  # adam(w)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError("weight_decay must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate multiplier over the run's optimizer steps.
+
+    constant / cosine / linear: linear warmup from `start_ratio` to 1, then hold / cosine / linear decay to
+    `min_lr_ratio`. onecycle: Smith & Topin (2017) as torch.optim.lr_scheduler.OneCycleLR with cosine
+    annealing: cosine ramp from `start_ratio` to 1 over the warmup, cosine down to `min_lr_ratio`.
+    Warmup length: max(warmup_steps, warmup_frac * total steps)."""
+
+    name: Literal["constant", "cosine", "linear", "onecycle"] = "cosine"
+    warmup_steps: int = 0
+    warmup_frac: float = 0.0
+    start_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or not 0 <= self.warmup_frac < 1:
+            raise ValueError("warmup_steps must be >= 0 and warmup_frac in [0, 1)")
+        if self.start_ratio < 0 or self.min_lr_ratio < 0:
+            raise ValueError("start_ratio and min_lr_ratio must be >= 0")

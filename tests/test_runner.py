@@ -1,0 +1,193 @@
+"""Whole runs as a user starts them: the run record, SIGKILL + --resume, and DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from llmlab.runner import run
+from llmlab.train.checkpoint import load_weights
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmlab", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "LLMLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def test_run_directory_holds_the_whole_record(tmp_path):
+    out = tmp_path / "run"
+    result = run("mnist-mlp", "smoke", ["train.max_epochs=2"], out=out, device="cpu")
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "result.json",
+        "curves.png",
+        "report.md",
+        "model.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["recipe"] == "mnist-mlp" and stored["overrides"] == ["train.max_epochs=2"]
+    assert stored["config"]["train"]["max_epochs"] == 2
+    on_disk = json.loads((out / "result.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    for key in (
+        "metrics",
+        "target",
+        "wall_time_s",
+        "steps",
+        "throughput",
+        "peak_memory_mb",
+        "seed",
+        "hardware",
+        "versions",
+        "git_commit",
+        "n_params",
+        "data",
+    ):
+        assert key in result, key
+    assert result["status"] == "completed" and result["steps"] == 64 and result["peak_memory_mb"] > 0
+    assert result["versions"]["torch"] == torch.__version__
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {line["split"] for line in lines} == {"train", "val", "test"}
+    report = (out / "report.md").read_text()
+    assert "![curves](curves.png)" in report and "test accuracy" in report.lower()
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    # Long enough (~1000 steps) that the kill lands mid-run; checkpoints every 50 steps.
+    args = [
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+        "train.max_epochs=30",
+        "model.hidden=256",
+        "train.checkpoint_every=50",
+        "train.eval_every=100",
+    ]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(
+        _cli("run", "mnist-mlp", *args, "--out", str(straight)),
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+    proc = subprocess.Popen(
+        _cli("run", "mnist-mlp", *args, "--out", str(killed)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not pointer.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "result.json").exists(), "the run finished before it could be killed"
+    killed_at = pointer.read_text().strip()
+
+    resumed = subprocess.run(
+        _cli("run", "mnist-mlp", *args, "--out", str(killed), "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_weights(straight / "model.safetensors"), load_weights(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resuming from {killed_at}"
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (straight, killed))
+    assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)), "metrics.jsonl repeats steps"
+
+
+@pytest.mark.parametrize("impl", ["autograd", "manual"])
+def test_ddp_two_processes_match_one(tmp_path, impl):
+    """2 gloo processes with the same global batch take the same steps as 1 process (dropout off, since masks
+    are drawn per process). float32 all-reduce sums in another order than one big batch: ~1e-6 apart."""
+    args = [
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+        "model.dropout=0",
+        f"model.impl={impl}",
+        "train.max_epochs=1",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        _cli("run", "mnist-mlp", *args, "--out", str(one)),
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "llmlab",
+            "run",
+            "mnist-mlp",
+            *args,
+            "--out",
+            str(two),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    result = json.loads((two / "result.json").read_text())
+    assert result["world_size"] == 2
+    a, b = load_weights(one / "model.safetensors"), load_weights(two / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    r1 = json.loads((one / "result.json").read_text())
+    assert result["metrics"]["test/accuracy"] == pytest.approx(r1["metrics"]["test/accuracy"], abs=2 / 512)
+
+
+def test_ddp_test_would_catch_unsynchronised_processes(tmp_path):
+    """Guard for the test above: a 1-process run on half of each batch ends far from the full-batch run."""
+    full = run(
+        "mnist-mlp", "smoke", ["model.dropout=0", "train.max_epochs=1"], out=tmp_path / "a", device="cpu"
+    )
+    half = run(
+        "mnist-mlp",
+        "smoke",
+        ["model.dropout=0", "train.max_epochs=1", "train.batch_size=32", "train.max_steps=32"],
+        out=tmp_path / "b",
+        device="cpu",
+    )
+    assert full["steps"] == half["steps"] == 32
+    a, b = (load_weights(tmp_path / d / "model.safetensors") for d in ("a", "b"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3
