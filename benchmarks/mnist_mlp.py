@@ -1,11 +1,13 @@
 """Stage 1 benchmark: time to 98% on MNIST for the autograd and the hand-derived MLP, and their step times.
 
-    python benchmarks/mnist_mlp.py --data-dir ../shared/data --seeds 3 --out runs/bench-mnist
+    python benchmarks/mnist_mlp.py --data-dir ../shared/data --seeds 3 --bf16 --out runs/bench-mnist-mlp
 
-Part 1 runs `llmlab run mnist-mlp` (the `default` and `manual` presets: the same model, data, schedule and SGD
-update) for each seed and reads the training time at which validation accuracy first reached 98% (evaluated
-each epoch), the final test accuracy and the total training time. Part 2 times one Trainer.train_step of each
-implementation on the same batch (median over repeats, after warm-up), and prints their ratio.
+Part 1 runs (or re-reads, when its run directory is complete) `llmlab run mnist-mlp` with the `default` and
+`manual` presets (the same model, data, schedule and SGD update) for each seed and reads the training time at
+which validation accuracy first reached 98% (evaluated each epoch), the final test accuracy and the total
+training time. Part 2 times one Trainer.train_step of each implementation on the same batch (median over
+repeats, after warm-up, implementations interleaved), and prints their ratio; with --bf16 also the autograd
+step under bf16 autocast, to show why mixed precision is off by default on a CPU.
 Prints markdown tables; results go in docs/results.md with the command, machine and date.
 """
 
@@ -72,7 +74,7 @@ def part1(args: argparse.Namespace) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def step_times(impl: str, steps: int, repeats: int) -> list[float]:
+def step_times(impl: str, steps: int, repeats: int, precision: str = "fp32") -> list[float]:
     cfg = default_config()
     cfg.model.impl = impl
     torch.manual_seed(0)
@@ -106,16 +108,23 @@ def step_times(impl: str, steps: int, repeats: int) -> list[float]:
 
 
 def part2(args: argparse.Namespace) -> None:
-    results = {impl: step_times(impl, args.steps, args.repeats) for impl in PRESETS}
-    auto, manual = statistics.median(results["autograd"]), statistics.median(results["manual"])
-    print("\n| implementation | step time, batch 128 (ms, median of medians) |")
-    print("|---|---|")
-    for impl, values in results.items():
-        print(
-            f"| {impl} | {1000 * statistics.median(values):.2f} (repeats: "
-            f"{', '.join(f'{1000 * v:.2f}' for v in values)}) |"
-        )
-    print(f"\nstep-time ratio manual / autograd: {manual / auto:.3f}")
+    # Interleave the implementations, repeat by repeat, so that machine noise hits both alike.
+    variants = [("autograd", "fp32"), ("manual", "fp32")] + ([("autograd", "bf16")] if args.bf16 else [])
+    results: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for impl, precision in variants:
+            results[(impl, precision)] += step_times(impl, args.steps, 1, precision)
+    print("\n| implementation | precision | step time, batch 128 (ms, median of per-repeat medians) |")
+    print("|---|---|---|")
+    for (impl, precision), values in results.items():
+        runs = ", ".join(f"{1000 * v:.2f}" for v in values)
+        print(f"| {impl} | {precision} | {1000 * statistics.median(values):.2f} (repeats: {runs}) |")
+    auto = statistics.median(results[("autograd", "fp32")])
+    manual = statistics.median(results[("manual", "fp32")])
+    print(f"\nstep-time ratio manual / autograd (fp32): {manual / auto:.3f}")
+    if args.bf16:
+        bf16 = statistics.median(results[("autograd", "bf16")])
+        print(f"step-time ratio bf16 autocast / fp32 (autograd): {bf16 / auto:.3f}")
 
 
 def main() -> None:
@@ -127,6 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-runs", action="store_true", help="only the step-time comparison")
+    parser.add_argument("--bf16", action="store_true", help="also time the autograd step under bf16 autocast")
     args = parser.parse_args()
     hw = hardware_info()
     print(

@@ -161,3 +161,17 @@ def test_demo_falls_back_to_bundled_digits(tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert result["preset"] == "digits" and result["target"]["met"]
     assert Path(out / "curves.png").exists()
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(smoke_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run, run_dir)
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = latest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a full disk
+    code = main(["run", "mnist-mlp", "--preset", "smoke", "--out", str(run_dir), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "is corrupt" in err and "state.safetensors" in err and "Traceback" not in err

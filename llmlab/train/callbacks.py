@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,11 +90,14 @@ def _progress_enabled() -> bool:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar (on a terminal; LLMLAB_PROGRESS=1/0 forces it) and one printed line per evaluation."""
+    """A tqdm bar (on a terminal; LLMLAB_PROGRESS=1/0 forces it) and one printed line per evaluation. Without
+    the bar (logs, CI), a train line is printed at most every `quiet_interval_s` so long epochs show life."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet_interval_s: float = 30.0) -> None:
         self.bar = None
         self.last_train: dict[str, Any] = {}
+        self.quiet_interval_s = quiet_interval_s
+        self._last_print = time.monotonic()
 
     def on_train_start(self, trainer: Trainer) -> None:
         from tqdm.auto import tqdm
@@ -115,12 +119,21 @@ class ProgressBar(Callback):
             self.last_train = record
             unit = trainer.task.unit
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", **{f"{unit}/s": f"{record['throughput']:.0f}"})
+            if self.bar.disable and time.monotonic() - self._last_print >= self.quiet_interval_s:
+                self._print(
+                    f"step {record['step']}/{trainer.total_steps} | epoch {record['epoch']:.2f} | train "
+                    f"{_fmt(record)} | {record['throughput']:.0f} {unit}/s"
+                )
             return
         parts = [f"step {record['step']}/{trainer.total_steps}", f"epoch {record['epoch']:.2f}"]
         if self.last_train:
             parts.append("train " + _fmt(self.last_train))
         parts.append(f"{record['split']} " + _fmt(record))
-        self.bar.write(" | ".join(parts), file=sys.stderr)
+        self._print(" | ".join(parts))
+
+    def _print(self, line: str) -> None:
+        self.bar.write(line, file=sys.stderr)
+        self._last_print = time.monotonic()
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.bar:

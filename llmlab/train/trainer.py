@@ -40,7 +40,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"  # bf16 autocast measured ~10x slower than fp32 on a 2-core CPU
+    return "fp32"  # autocast brings no speed on a CPU (docs/results.md): exact fp32 by default
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
