@@ -82,7 +82,7 @@ def digits() -> MnistMLPConfig:
     return MnistMLPConfig(
         model=MLPConfig(in_features=64, hidden=256, depth=2, dropout=0.1),
         data=MnistDataConfig(source="digits", val_size=144),
-        train=TrainConfig(batch_size=64, max_epochs=40, eval_every=0, log_every=20, precision="fp32"),
+        train=TrainConfig(batch_size=64, max_epochs=40, eval_every=100, log_every=20, precision="fp32"),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
         schedule=ScheduleConfig(name="cosine", warmup_frac=0.05),
     )
@@ -210,6 +210,11 @@ class MnistMLP(Recipe):
             return TensorLoader(on_device[split], eval_bs, rank=d.rank, world_size=d.world_size)
 
         notes = []
+        if cfg.label_smoothing > 0:
+            notes.append(
+                f"The train loss includes label smoothing {cfg.label_smoothing}; validation and test "
+                "losses are plain cross-entropy."
+            )
         if cfg.model.impl == "manual":
             notes.append(
                 "Gradients computed by the hand-derived backward (llmlab.nn.manual); parameters "

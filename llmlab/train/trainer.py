@@ -177,6 +177,7 @@ class Trainer:
         self._interval: dict[str, Any] = {}
         self._last_eval_step = -1
         self._last_ckpt_step = -1
+        self.last_lr = self.lr()
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -245,6 +246,7 @@ class Trainer:
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             grad_norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip).item()
+        self.last_lr = self.lr()  # the rate this step used (the scheduler moves on below)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -286,7 +288,7 @@ class Trainer:
             "split": "train",
             "time_s": round(self.train_time_s, 3),
             **metrics,
-            "lr": self.lr(),
+            "lr": self.last_lr,
             "throughput": packed[1] / max(interval_time, 1e-9),
         }
         if "grad_norm" in iv:
