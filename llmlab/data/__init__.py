@@ -1,9 +1,21 @@
 """Datasets: where they live (data root, cache), their specs and status, download, and one loader per dataset.
 
-Importing this package registers every dataset spec in `DATASETS` (mnist, digits, ...).
+Importing this package registers every dataset spec in `DATASETS` (mnist, digits, cifar10, imdb, ...).
 """
 
+from llmlab.data.augment import CifarAugment, CifarEval, normalize, random_crop, random_hflip
+from llmlab.data.bucket import BucketLoader, padding_fraction, padding_report, plan_batches
+from llmlab.data.cifar10 import (
+    CIFAR10,
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Cifar10,
+    find_cifar10,
+    load_cifar10,
+)
 from llmlab.data.digits import DIGITS, load_digits_splits
+from llmlab.data.imdb import IMDB, Imdb, Review, find_imdb, load_imdb, train_val_split
 from llmlab.data.mnist import MNIST, MNIST_MEAN, MNIST_STD, load_mnist, read_idx, write_idx
 from llmlab.data.store import (
     DATASETS,
@@ -27,13 +39,19 @@ from llmlab.data.store import (
     verify_file,
 )
 from llmlab.data.synthetic import synthetic_classification
+from llmlab.data.text import Vocab, clean_text, encode_corpus, tokenize, truncate
 
 __all__ = [
+    "BucketLoader",
+    "CIFAR10",
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "Cifar10",
+    "CifarAugment",
+    "CifarEval",
     "DATASETS",
     "DIGITS",
-    "MNIST",
-    "MNIST_MEAN",
-    "MNIST_STD",
     "DataCorruptError",
     "DataDownloadError",
     "DataMissingError",
@@ -41,20 +59,42 @@ __all__ = [
     "DatasetStatus",
     "FileSpec",
     "FileStatus",
+    "IMDB",
+    "Imdb",
+    "MNIST",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "Review",
+    "Vocab",
     "cache_dir",
+    "clean_text",
     "data_root",
     "data_root_source",
     "dataset_status",
     "download_dataset",
+    "encode_corpus",
+    "find_cifar10",
     "find_file",
+    "find_imdb",
     "format_status",
     "get_spec",
+    "load_cifar10",
     "load_digits_splits",
+    "load_imdb",
     "load_mnist",
     "locate_dataset",
+    "normalize",
+    "padding_fraction",
+    "padding_report",
+    "plan_batches",
+    "random_crop",
+    "random_hflip",
     "read_idx",
     "register_dataset",
     "synthetic_classification",
+    "tokenize",
+    "train_val_split",
+    "truncate",
     "verify_file",
     "write_idx",
 ]

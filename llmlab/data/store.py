@@ -7,6 +7,12 @@ Conventions (see docs/DESIGN.md, "Data"):
   `~/.cache/llmlab/derived`;
 - a file is accepted gzipped (`NAME.gz`) or plain (`NAME`); its sha256 is taken over the DECOMPRESSED content,
   so a re-compressed .gz with identical content still verifies (gzip headers carry timestamps and names);
+- a `raw` file (an archive read as it is, e.g. CIFAR-10's `cifar-10-python.tar.gz`) is found only under its
+  name and its checksums are of the file's bytes as stored; where a dataset publishes only an md5 of the file
+  (CIFAR-10), `FileSpec.md5` is checked instead of a sha256;
+- a dataset accepted in several layouts (CIFAR-10: official tarball, extracted batches, image folders)
+  gives its spec an `inspect` hook that reports the layout found; `files` then lists what
+  `download_dataset` fetches;
 - every dataset is described by a `DatasetSpec` in the `DATASETS` registry; dataset modules register theirs.
 
 Downloads follow torchvision's MNIST practice: a list of mirrors tried in order, the file verified after
@@ -25,13 +31,23 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from llmlab.fileio import atomic_write_bytes
+from llmlab.progress import progress_enabled
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20  # 1 MiB: streaming unit for hashing and downloads
 _VERIFY_CACHE_NAME = "verified-sha256.json"
+# Keys of a verification-cache entry, by what they digest: "sha256" (decompressed content, the original key),
+# "file_sha256" and "file_md5" (the file's bytes as stored).
+_WHAT = {
+    "sha256": "sha256 of the decompressed content",
+    "file_sha256": "sha256 of the file",
+    "file_md5": "md5 of the file",
+}
 _STATUS_HINT = "llmlab data status"
 
 
@@ -70,16 +86,31 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class FileSpec:
-    """One canonical file of a dataset, accepted on disk as `name.gz` or `name`."""
+    """One canonical file of a dataset, accepted on disk as `name.gz` or `name` (only `name` when `raw`).
+
+    Checked against `sha256` when known, else against `md5` (some datasets publish only an md5 of the file);
+    a spec with neither is found but not checked.
+    """
 
     name: str  # canonical (decompressed) file name, e.g. "train-images-idx3-ubyte"
-    sha256: str  # of the DECOMPRESSED content
-    size: int  # bytes of the decompressed content
-    url_name: str = ""  # file name on the mirrors; default `name + ".gz"`
+    sha256: str = ""  # of the DECOMPRESSED content (of the file's bytes when `raw`); "" when unknown
+    size: int = 0  # bytes of the decompressed content (of the file when `raw`); 0 when unknown
+    url_name: str = ""  # file name on the mirrors; default `name + ".gz"` (`name` when `raw`)
+    md5: str = ""  # of the file's bytes as stored; checked only when `sha256` is not known
+    raw: bool = False  # used as stored (a .tar.gz read by tarfile): no .gz variant, checksums of its bytes
 
     @property
     def remote_name(self) -> str:
-        return self.url_name or self.name + ".gz"
+        return self.url_name or (self.name if self.raw else self.name + ".gz")
+
+    @property
+    def checksum(self) -> tuple[str, str]:
+        """(verification-cache key, expected hex digest) of the check `verify_file` does; ("", "") if none."""
+        if self.sha256:
+            return ("file_sha256" if self.raw else "sha256"), self.sha256
+        if self.md5:
+            return "file_md5", self.md5
+        return "", ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,18 @@ class DatasetSpec:
     citation: str = ""
     license: str = ""
     bundled: bool = False  # shipped with a library (no files, no download)
+    # Other accepted files with known checksums (other layouts, e.g. a community copy); never downloaded.
+    alternatives: tuple[FileSpec, ...] = ()
+    # For datasets with several accepted layouts: `inspect(spec, root, verify) -> (layout, file statuses)`
+    # of the first layout found under `root` (the statuses of `files`, all missing, when none is);
+    # `dataset_status` uses it instead of looking for `files`.
+    inspect: Callable[[DatasetSpec, Path, bool], tuple[str, list[FileStatus]]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    # Checks a downloaded file beyond its checksum (e.g. that an archive opens and holds the expected
+    # members): `check_download(fspec, path)` runs on the temp file before it is moved into place and raises
+    # ValueError when the file is not what it should be (that mirror then counts as failed).
+    check_download: Callable[[FileSpec, Path], None] | None = field(default=None, repr=False, compare=False)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -143,7 +186,8 @@ def _url(base: str, fspec: FileSpec) -> str:
 def _candidates(spec: DatasetSpec, fspec: FileSpec, root: Path) -> list[Path]:
     # .gz first in each folder: that is what `download_dataset` writes, so a fresh download wins.
     dirs = [root / d for d in spec.subdirs] or [root]
-    return [d / n for d in dirs for n in (fspec.name + ".gz", fspec.name)]
+    names = (fspec.name,) if fspec.raw else (fspec.name + ".gz", fspec.name)
+    return [d / n for d in dirs for n in names]
 
 
 class DataMissingError(FileNotFoundError):
@@ -170,7 +214,8 @@ class DataMissingError(FileNotFoundError):
             f"dataset {spec.name!r}: {len(missing)} of {len(spec.files)} files not found "
             f"under the data root {root}{src}."
         ]
-        lines.append("Expected files (gzipped NAME.gz or plain NAME), paths looked at, official source:")
+        forms = " (gzipped NAME.gz or plain NAME)" if any(not f.raw for f in missing) else ""
+        lines.append(f"Expected files{forms}, paths looked at, official source:")
         for f in missing:
             lines.append(f"  {f.name}:")
             lines += [f"    {p}" for p in _candidates(spec, f, root)]
@@ -188,30 +233,46 @@ class DataMissingError(FileNotFoundError):
 
 
 class DataCorruptError(ValueError):
-    """A file's decompressed content does not have the expected sha256.
+    """A file does not have the expected checksum (by default: sha256 of its decompressed content).
 
     Build it with `DataCorruptError.for_file(...)`; `__init__` takes the finished message (so it pickles).
     """
 
-    def __init__(self, message: str, *, path: str | Path = "", expected: str = "", actual: str = ""):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path = "",
+        expected: str = "",
+        actual: str = "",
+        what: str = _WHAT["sha256"],
+    ):
         super().__init__(message)
         self.path = path
         self.expected = expected
         self.actual = actual
+        self.what = what  # which checksum, e.g. "md5 of the file"
 
     @classmethod
     def for_file(
-        cls, path: str | Path, expected: str, actual: str, detail: str = "", dataset: str = "NAME"
+        cls,
+        path: str | Path,
+        expected: str,
+        actual: str,
+        detail: str = "",
+        dataset: str = "NAME",
+        what: str = _WHAT["sha256"],
     ) -> DataCorruptError:
         extra = f" ({detail})" if detail else ""
         return cls(
-            f"checksum mismatch for {path}{extra}: sha256 of the decompressed content is {actual}, "
+            f"checksum mismatch for {path}{extra}: {what} is {actual}, "
             f"expected {expected}. The file is damaged or not the official one. To fix: delete it and "
             f"re-download (`llmlab data download {dataset}`), or replace it with an official copy; "
             f"`{_STATUS_HINT}` shows every file's state.",
             path=path,
             expected=expected,
             actual=actual,
+            what=what,
         )
 
 
@@ -254,6 +315,18 @@ def content_sha256(path: str | Path) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+def file_digests(path: str | Path) -> tuple[str, str, int]:
+    """(sha256 hex, md5 hex, byte count) of the file's bytes as stored (no decompression), in one pass."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            md5.update(chunk)
+            n += len(chunk)
+    return sha.hexdigest(), md5.hexdigest(), n
+
+
 def _cache_file() -> Path:
     return cache_dir() / _VERIFY_CACHE_NAME
 
@@ -266,45 +339,74 @@ def _load_verify_cache() -> dict[str, dict]:
         return {}  # missing or damaged cache: just re-hash
 
 
-def _cached_sha256(path: Path) -> str | None:
+def _cached_digest(path: Path, key: str = "sha256") -> str | None:
     st = path.stat()
     entry = _load_verify_cache().get(str(path.resolve()))
     if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return entry.get("sha256")
+        return entry.get(key)
     return None
 
 
-def _remember_sha256(path: Path, sha: str) -> None:
+def _cached_sha256(path: Path) -> str | None:
+    return _cached_digest(path, "sha256")
+
+
+def _remember_digests(path: Path, digests: dict[str, str]) -> None:
+    # Digests of one (size, mtime_ns) state of the file accumulate; a changed file starts a fresh entry.
     st = path.stat()
     cache = _load_verify_cache()
-    cache[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+    key = str(path.resolve())
+    entry = cache.get(key)
+    if not (entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns):
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache[key] = {**entry, **digests}
     try:
-        _atomic_write_bytes(_cache_file(), json.dumps(cache, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(_cache_file(), json.dumps(cache, indent=1, sort_keys=True).encode())
     except OSError:
         pass  # the cache is an optimisation; never fail a load because it cannot be written
 
 
-def verify_file(path: str | Path, fspec: FileSpec, dataset: str = "NAME") -> str:
-    """Check the sha256 of the decompressed content; raise DataCorruptError on mismatch.
+def _remember_sha256(path: Path, sha: str) -> None:
+    _remember_digests(path, {"sha256": sha})
 
-    Results are cached in `cache_dir()` keyed by (absolute path, size, mtime_ns), so repeated loads do not
-    re-hash; a changed file is re-hashed. `dataset` only names the fix in the error. Returns the sha256.
+
+def _compute_digests(path: Path, key: str) -> tuple[dict[str, str], int]:
+    """The digests `key` belongs to (content sha256, or the file's sha256 and md5 together), a byte count."""
+    if key == "sha256":
+        sha, n = content_sha256(path)
+        return {"sha256": sha}, n
+    sha, md5, n = file_digests(path)
+    return {"file_sha256": sha, "file_md5": md5}, n
+
+
+def verify_file(path: str | Path, fspec: FileSpec, dataset: str = "NAME") -> str:
+    """Check the file's checksum (`fspec.checksum`); raise DataCorruptError on mismatch.
+
+    By default that is the sha256 of the decompressed content; for a `raw` spec the sha256 of the file's
+    bytes; when only an md5 is known, the md5 of the file's bytes. Results are cached in `cache_dir()` keyed
+    by (absolute path, size, mtime_ns), so repeated loads do not re-hash; a changed file is re-hashed.
+    `dataset` only names the fix in the error. Returns the digest checked ("" when the spec has none).
     """
     path = Path(path)
-    sha = _cached_sha256(path)
+    key, expected = fspec.checksum
+    if not key:
+        return ""
+    what = _WHAT[key]
+    actual = _cached_digest(path, key)
     detail = ""
-    if sha is None:
+    if actual is None:
         try:
-            sha, n = content_sha256(path)
+            digests, n = _compute_digests(path, key)
         except (OSError, EOFError) as e:  # a broken gzip stream is a corrupt file, not a crash
-            detail = f"cannot decompress: {e}"
-            raise DataCorruptError.for_file(path, fspec.sha256, "unreadable", detail, dataset) from e
-        if n != fspec.size:
-            detail = f"{n} bytes decompressed, expected {fspec.size}"
-        _remember_sha256(path, sha)
-    if sha != fspec.sha256:
-        raise DataCorruptError.for_file(path, fspec.sha256, sha, detail, dataset)
-    return sha
+            detail = f"cannot {'decompress' if key == 'sha256' else 'read'}: {e}"
+            raise DataCorruptError.for_file(path, expected, "unreadable", detail, dataset, what) from e
+        actual = digests[key]
+        if fspec.size and n != fspec.size:
+            detail = f"{n} bytes{' decompressed' if key == 'sha256' else ''}, expected {fspec.size}"
+        _remember_digests(path, digests)
+    if actual != expected:
+        raise DataCorruptError.for_file(path, expected, actual, detail, dataset, what)
+    return actual
 
 
 def locate_dataset(
@@ -336,8 +438,21 @@ def locate_dataset(
 class FileStatus:
     name: str  # canonical name
     path: Path | None  # where it was found, or None
-    ok: bool | None  # checksum ok; None when not found or not checked
+    ok: bool | None  # checksum ok; None when not found or not checked (or no checksum is known)
     error: str = ""
+
+
+def file_status(path: Path | None, fspec: FileSpec, dataset: str, verify: bool = True) -> FileStatus:
+    """The status of a file found at `path` (None: not found); checked if `verify` and a checksum is known."""
+    ok: bool | None = None
+    error = ""
+    if path is not None and verify and fspec.checksum[0]:
+        try:
+            verify_file(path, fspec, dataset)
+            ok = True
+        except DataCorruptError as e:
+            ok, error = False, f"{e.what} {e.actual}, expected {e.expected}"
+    return FileStatus(fspec.name, path, ok, error)
 
 
 @dataclass
@@ -349,6 +464,7 @@ class DatasetStatus:
     files: list[FileStatus] = field(default_factory=list)
     description: str = ""
     target: Path | None = None  # where `download` would write
+    layout: str = ""  # which accepted layout was found, for datasets with several (see DatasetSpec.inspect)
 
 
 def dataset_status(
@@ -362,17 +478,10 @@ def dataset_status(
     if spec.bundled:
         st.target = None
         return st
-    for f in spec.files:
-        path = find_file(spec, f, root_path)
-        ok: bool | None = None
-        error = ""
-        if path is not None and verify:
-            try:
-                verify_file(path, f, spec.name)
-                ok = True
-            except DataCorruptError as e:
-                ok, error = False, f"sha256 {e.actual}, expected {e.expected}"
-        st.files.append(FileStatus(f.name, path, ok, error))
+    if spec.inspect is not None:
+        st.layout, st.files = spec.inspect(spec, root_path, verify)
+    else:
+        st.files = [file_status(find_file(spec, f, root_path), f, spec.name, verify) for f in spec.files]
     n_found = sum(fs.path is not None for fs in st.files)
     if any(fs.ok is False for fs in st.files):
         st.state = "corrupt"
@@ -402,6 +511,8 @@ def format_status(statuses: Sequence[DatasetStatus]) -> str:
             files = f"{n_found}/{len(s.files)} found"
             if checked and n_found:
                 files += f", {n_ok} checksum ok"
+            if s.layout:
+                files += f" ({s.layout})"
         rows.append((s.name, s.state, files, s.description))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
@@ -410,7 +521,7 @@ def format_status(statuses: Sequence[DatasetStatus]) -> str:
         if s.state in ("present", "bundled"):
             continue
         lines.append("")
-        lines.append(f"{s.name} ({s.state}):")
+        lines.append(f"{s.name} ({s.state}):" + (f" {s.layout}" if s.layout else ""))
         for f in s.files:
             if f.path is None:
                 lines.append(f"  missing  {f.name}")
@@ -430,19 +541,6 @@ def format_status(statuses: Sequence[DatasetStatus]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -456,7 +554,14 @@ def _check_writable(folder: Path) -> None:
         ) from e
 
 
-def _fetch_to(url: str, folder: Path, fspec: FileSpec, timeout: float, progress: bool) -> Path:
+def _fetch_to(
+    url: str,
+    folder: Path,
+    fspec: FileSpec,
+    timeout: float,
+    progress: bool,
+    check: Callable[[FileSpec, Path], None] | None = None,
+) -> Path:
     """Download `url` into a temp file in `folder`, verify it, and move it into place. Returns the final path.
 
     On any failure the temp file is removed and the exception propagates.
@@ -475,7 +580,7 @@ def _fetch_to(url: str, folder: Path, fspec: FileSpec, timeout: float, progress:
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=fspec.remote_name,
-                disable=not progress,
+                disable=not (progress and progress_enabled()),
                 leave=False,
             ) as bar:
                 while chunk := resp.read(_CHUNK):
@@ -483,13 +588,19 @@ def _fetch_to(url: str, folder: Path, fspec: FileSpec, timeout: float, progress:
                     bar.update(len(chunk))
             out.flush()
             os.fsync(out.fileno())
-        sha, n = content_sha256(tmp)
-        if sha != fspec.sha256:
-            detail = f"{n} bytes decompressed, expected {fspec.size}"
-            raise DataCorruptError.for_file(url, fspec.sha256, sha, detail)
-        final = folder / (fspec.name + ".gz" if is_gzip(tmp) else fspec.name)
+        key, expected = fspec.checksum
+        digests: dict[str, str] = {}
+        if key:
+            digests, n = _compute_digests(tmp, key)
+            if digests[key] != expected:
+                detail = f"{n} bytes{' decompressed' if key == 'sha256' else ''}, expected {fspec.size}"
+                raise DataCorruptError.for_file(url, expected, digests[key], detail, what=_WHAT[key])
+        if check is not None:
+            check(fspec, tmp)
+        final = folder / (fspec.name + ".gz" if not fspec.raw and is_gzip(tmp) else fspec.name)
         os.replace(tmp, final)
-        _remember_sha256(final, sha)  # os.replace keeps size and mtime: the next load need not re-hash
+        if digests:  # os.replace keeps size and mtime: the next load need not re-hash
+            _remember_digests(final, digests)
         return final
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -513,9 +624,11 @@ def download_dataset(
 ) -> Path:
     """Download the missing or corrupt files of a dataset into `root/<first subdir>/`; return that folder.
 
-    Mirrors: `mirrors` > env LLMLAB_MIRROR_<NAME> > the spec's, tried in order per file. Each file is verified
-    (sha256 of the decompressed content) before it is moved into place. Raises DataDownloadError if the root
-    is not writable or every mirror fails for some file; no partial file is ever left behind.
+    Only `spec.files` are fetched: a dataset found in another layout (`spec.alternatives`, an image folder)
+    still gets its official files. Mirrors: `mirrors` > env LLMLAB_MIRROR_<NAME> > the spec's, tried in order
+    per file. Each file is verified (`FileSpec.checksum`: by default the sha256 of the decompressed content)
+    (and by `spec.check_download`, when set) before it is moved into place. Raises DataDownloadError if the
+    root is not writable or every mirror fails for some file; no partial file is ever left behind.
     """
     spec = get_spec(name)
     if spec.bundled:
@@ -543,11 +656,11 @@ def download_dataset(
         for base in urls:
             url = _url(base, f)
             try:
-                final = _fetch_to(url, target, f, timeout, progress)
+                final = _fetch_to(url, target, f, timeout, progress, spec.check_download)
                 _drop_shadowing_copy(spec, f, root_path, final)
                 break
             except DataCorruptError as e:
-                failures.append(f"{url}: content sha256 {e.actual}, expected {e.expected}")
+                failures.append(f"{url}: {e.what} {e.actual}, expected {e.expected}")
             except (OSError, http.client.HTTPException, EOFError, ValueError) as e:
                 # URLError/HTTPError/timeouts are OSErrors; a broken gzip stream is OSError or EOFError.
                 failures.append(f"{url}: {type(e).__name__}: {e}")

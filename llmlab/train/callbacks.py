@@ -7,11 +7,12 @@ on_checkpoint, on_train_end. A callback may set `trainer.should_stop = True`.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llmlab.progress import progress_enabled
 
 if TYPE_CHECKING:
     from llmlab.train.trainer import Trainer
@@ -67,6 +68,7 @@ class TensorBoard(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.step + 1 if trainer.step else None)
+        trainer.tensorboard = self.writer  # for callbacks that log more than scalars (images, histograms)
 
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         split = record["split"]
@@ -80,13 +82,6 @@ class TensorBoard(Callback):
         if self.writer:
             self.writer.close()
             self.writer = None
-
-
-def _progress_enabled() -> bool:
-    flag = os.environ.get("LLMLAB_PROGRESS")
-    if flag is not None:
-        return flag not in ("0", "false", "no", "")
-    return sys.stderr.isatty()
 
 
 class ProgressBar(Callback):
@@ -107,7 +102,7 @@ class ProgressBar(Callback):
             initial=trainer.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not _progress_enabled(),
+            disable=not progress_enabled(),
             desc=trainer.name,
         )
 
@@ -148,3 +143,25 @@ def _fmt(record: dict[str, Any]) -> str:
             continue
         out.append(f"{key} {value:.2%}" if key == "accuracy" else f"{key} {value:.4f}")
     return " ".join(out)
+
+
+class AugmentedImages(Callback):
+    """TensorBoard image grid of the first training batch, as the model sees it after augmentation (so one
+    can check crops and flips by eye). `mean`/`std` undo the normalisation for display. Needs the
+    TensorBoard callback earlier in the list."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], count: int = 32) -> None:
+        self.mean, self.std, self.count = mean, std, count
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        writer = getattr(trainer, "tensorboard", None)
+        if writer is None or trainer.step > 0:
+            return
+        import torch
+
+        trainer.train_loader.set_epoch(0)
+        images = next(iter(trainer.train_loader))[0][: self.count].detach().float().cpu()  # [N, C, H, W]
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        writer.add_images("train/augmented_batch", (images * std + mean).clamp(0, 1), 0)
+        writer.flush()

@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmlab.fileio import atomic_path, atomic_write_text
+
 FILES = ("model.safetensors", "state.safetensors", "state.json")
 
 
@@ -88,16 +90,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -205,14 +197,9 @@ def save_weights(
     path: Path, model_state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """A model's weights alone (the run's final `model.safetensors`), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(
-        {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()},
-        tmp,
-        metadata=metadata,
-    )
-    _fsync(tmp)
-    os.replace(tmp, path)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata=metadata)
 
 
 def load_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of each epoch; <0 = never
     keep_checkpoints: int = 2
     deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN autotuning
+    compile: bool = False  # torch.compile the training forward (checkpoints keep the plain module's names)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import llmlab
+from llmlab.fileio import atomic_write_text
 
 
 def now_iso() -> str:
@@ -88,6 +89,4 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from llmlab.train.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

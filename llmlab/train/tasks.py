@@ -24,16 +24,21 @@ class StepOutput:
 
 class ClassificationTask:
     """Cross-entropy classification; `batch` is (inputs, labels [B]). Label smoothing applies in training
-    only: validation and test losses are plain cross-entropy, comparable across runs."""
+    only: validation and test losses are plain cross-entropy, comparable across runs. `tta_hflip` averages
+    the evaluation logits of each image and its mirror image (images [B, C, H, W]; flip test-time
+    augmentation, as in the fast CIFAR-10 training literature)."""
 
     unit = "samples"
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, tta_hflip: bool = False) -> None:
         self.label_smoothing = label_smoothing
+        self.tta_hflip = tta_hflip
 
     def step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
         x, y = batch
         logits = model(x)  # [B, K]
+        if self.tta_hflip and not model.training:
+            logits = 0.5 * (logits + model(x.flip(-1)))  # [B, K]
         smoothing = self.label_smoothing if model.training else 0.0
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the softmax in fp32 under autocast

@@ -148,6 +148,15 @@ class Trainer:
             self.model: nn.Module = DistributedDataParallel(self.raw_model, device_ids=ids)
         else:
             self.model = self.raw_model
+        self._ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        if cfg.compile:
+            if self.manual:
+                raise ValueError(
+                    "train.compile needs an autograd model; the hand-derived MLP has its own backward"
+                )
+            # Compile the module the step calls (DDP-wrapped or not); state_dicts come from raw_model, so
+            # checkpoint names carry no `_orig_mod.` prefix. Evaluation uses raw_model, uncompiled.
+            self.model = torch.compile(self.model)
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.eval_loaders = dict(eval_loaders or {})
@@ -214,11 +223,7 @@ class Trainer:
         for i, micro in enumerate(micro_batches):
             scale = _rows(micro) / rows  # mean over the batch = weighted mean of micro-batch means
             last = i == len(micro_batches) - 1
-            no_sync = (
-                self.model.no_sync()
-                if isinstance(self.model, DistributedDataParallel) and not last
-                else contextlib.nullcontext()
-            )
+            no_sync = self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
             with no_sync:
                 if self.manual:
                     with torch.no_grad():
