@@ -67,6 +67,19 @@ def _print_result(result: dict, out: Path | None) -> None:
     print(f"wall time {result['wall_time_s']:.1f}s, {speed['value']:.0f} {speed['unit']}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from llmlab.sweep import plan_sweep, run_sweep
+
+    plan = plan_sweep(args.recipe, args.preset, args.overrides, args.seeds)
+    out = args.out or Path("runs") / f"sweep-{plan.recipe}-{plan.preset}"
+    n, seeds = len(plan.runs()), len(plan.seeds)
+    print(f"sweep: {n} runs ({n // seeds} grid points x {seeds} seeds) in {out}")
+    table = run_sweep(plan, out, device=args.device, data_dir=args.data_dir)
+    print(table)
+    print(f"(written to {out / 'sweep.md'})", file=sys.stderr)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llmlab.runner import evaluate_run
 
@@ -175,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     device_and_data(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of config values over seeds and compare them in one table",
+        description="Run every combination of the listed values (key=v1,v2; for tuple-valued keys "
+        "key=a,b;c,d), each over --seeds seeds, then write sweep.md with mean ± std per grid point.",
+    )
+    p.add_argument("recipe")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--seeds", type=int, default=1, help="repeat each grid point with seeds 0..N-1")
+    p.add_argument("--out", type=Path, default=None, help="sweep folder (default: runs/sweep-RECIPE-PRESET)")
+    device_and_data(p)
+    p.add_argument("overrides", nargs="*", metavar="key=v1,v2")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("eval", help="evaluate a finished run's weights on a split")
     p.add_argument("run_dir", type=Path)

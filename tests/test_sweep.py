@@ -1,0 +1,72 @@
+"""llmlab sweep: grid × seeds, validated up front, resumable, one table with mean ± std."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmlab.cli import main
+from llmlab.config import ConfigError
+from llmlab.sweep import plan_sweep
+
+
+def test_plan_splits_axes_from_fixed_overrides_and_handles_tuple_keys():
+    plan = plan_sweep(
+        "mnist-mlp",
+        "smoke",
+        ["optim.lr=0.1,0.2", "optim.betas=0.9,0.99;0.8,0.9", "train.max_epochs=1"],
+        seeds=2,
+    )
+    assert plan.axes == {"optim.lr": ["0.1", "0.2"], "optim.betas": ["0.9,0.99", "0.8,0.9"]}
+    assert plan.fixed == ["train.max_epochs=1"]
+    runs = plan.runs()
+    assert len(runs) == 8 and len({name for name, _ in runs}) == 8
+    assert runs[0][1][-1] == "seed=0" and "optim.lr=0.1" in runs[0][1]
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["optim.lr=0.1,fast"], "expected a number"),
+        (["optim.lrr=0.1,0.2"], "Did you mean: optim.lr"),
+        (["seed=1,2"], "--seeds"),
+    ],
+)
+def test_bad_sweeps_fail_before_running(items, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_sweep("mnist-mlp", "smoke", items, seeds=1)
+
+
+def test_sweep_runs_the_grid_and_writes_mean_and_std(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep",
+        "mnist-mlp",
+        "--preset",
+        "smoke",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "optim.lr=0.02,0.05",
+        "train.max_epochs=1",
+    ]
+    assert main(argv) == 0
+    table = (out / "sweep.md").read_text()
+    assert "optim.lr" in table and "± " in table and "(n=2)" in table.replace("n = 2", "n=2")
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 4
+    for name in runs:
+        assert json.loads((out / name / "result.json").read_text())["status"] == "completed"
+    capsys.readouterr()
+    assert main(argv) == 0  # a second call finds everything done
+    assert capsys.readouterr().out.count("done already") == 4
+
+
+def test_bad_sweep_on_the_command_line_exits_2(tmp_path, capsys):
+    assert main(["sweep", "mnist-mlp", "--out", str(tmp_path / "s"), "model.hidden=64,big"]) == 2
+    assert "model.hidden='big'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
