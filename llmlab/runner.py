@@ -20,6 +20,7 @@ import torch
 import llmlab
 from llmlab.config import ConfigError, apply_overrides, flatten, from_dict, to_dict
 from llmlab.recipes import BuildContext, get_recipe
+from llmlab.recipes.base import CustomLoop, Experiment, Outcome
 from llmlab.report import RunDirError
 from llmlab.train.callbacks import Callback, MetricsFile, ProgressBar, TensorBoard
 from llmlab.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, save_weights
@@ -107,9 +108,84 @@ def run(
                     "llmlab_version": llmlab.__version__,
                 },
             )
+        for name, write in exp.artifacts.items():
+            write(out / name)
         cbs = [MetricsFile(out / "metrics.jsonl"), TensorBoard(out / "tb"), ProgressBar(), *exp.callbacks]
     cbs.extend(callbacks)
 
+    name = f"{recipe.name}:{preset}"
+    if isinstance(exp, CustomLoop):  # a recipe that owns its loop deliberately (e.g. HF Accelerate)
+        outcome = exp.fit(out, cbs, resume, name)
+    else:
+        outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, env, name)
+
+    result = None
+    if env.is_main:
+        if outcome.status == "completed":
+            outcome.save(out)
+        target = recipe.target(preset)
+        achieved = outcome.metrics.get(target.metric) if target else None
+        mem, mem_kind = peak_memory(dev)
+        result = {
+            "recipe": recipe.name,
+            "preset": preset,
+            "status": outcome.status,
+            "metrics": outcome.metrics,
+            "target": None
+            if target is None
+            else {
+                "metric": target.metric,
+                "value": target.value,
+                "higher_is_better": target.higher_is_better,
+                "achieved": achieved,
+                "met": target.met(achieved),
+            },
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+            "train_time_s": round(outcome.train_time_s, 2),
+            "steps": outcome.steps,
+            "epochs": round(outcome.epochs, 4),
+            "stop_reason": outcome.stop_reason,
+            "throughput": {
+                "value": outcome.units_seen / max(outcome.train_time_s, 1e-9),
+                "unit": f"{outcome.unit}/s",
+            },
+            "peak_memory_mb": round(mem, 1),
+            "peak_memory_kind": mem_kind,
+            "n_params": outcome.n_params,
+            "seed": cfg.seed,
+            "device": dev.type,
+            "precision": outcome.precision,
+            "world_size": env.world_size,
+            "hardware": hardware_info(),
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "started_at": started,
+            "finished_at": now_iso(),
+            "data": exp.data_description,
+            "notes": exp.notes + ([outcome.error] if outcome.error else []),
+        }
+        write_json(out / "result.json", result)
+        from llmlab.report import write_report
+
+        write_report(out)
+    if outcome.status == "diverged":
+        raise NonFiniteLossError(outcome.error)
+    if outcome.status == "interrupted":
+        raise KeyboardInterrupt
+    return result if result is not None else {"status": outcome.status, "rank": env.rank}
+
+
+def _fit_with_trainer(
+    exp: Experiment,
+    cfg: Any,
+    out: Path,
+    cbs: list[Callback],
+    resume: bool,
+    dev: torch.device,
+    env: Any,
+    name: str,
+) -> Outcome:
+    """The usual path: the one Trainer, checkpoints under out/checkpoints, weights as model.safetensors."""
     trainer = Trainer(
         exp.model,
         exp.task,
@@ -123,7 +199,7 @@ def run(
         dist_env=env,
         checkpoint_dir=out / "checkpoints",
         callbacks=cbs,
-        name=f"{recipe.name}:{preset}",
+        name=name,
     )
     status, error = "completed", None
     try:
@@ -133,64 +209,24 @@ def run(
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user; continue with --resume"
 
-    result = None
-    if env.is_main:
-        if status == "completed":
-            save_weights(
-                out / "model.safetensors",
-                trainer.raw_model.state_dict(),
-                metadata={"recipe": recipe.name, "preset": preset, "step": str(trainer.step)},
-            )
-        target = recipe.target(preset)
-        achieved = trainer.final_metrics.get(target.metric) if target else None
-        mem, mem_kind = peak_memory(dev)
-        result = {
-            "recipe": recipe.name,
-            "preset": preset,
-            "status": status,
-            "metrics": trainer.final_metrics,
-            "target": None
-            if target is None
-            else {
-                "metric": target.metric,
-                "value": target.value,
-                "higher_is_better": target.higher_is_better,
-                "achieved": achieved,
-                "met": target.met(achieved),
-            },
-            "wall_time_s": round(time.perf_counter() - t0, 2),
-            "train_time_s": round(trainer.train_time_s, 2),
-            "steps": trainer.step,
-            "epochs": round(trainer.epoch_float, 4),
-            "stop_reason": trainer.stop_reason,
-            "throughput": {
-                "value": trainer.units_seen / max(trainer.train_time_s, 1e-9),
-                "unit": f"{exp.task.unit}/s",
-            },
-            "peak_memory_mb": round(mem, 1),
-            "peak_memory_kind": mem_kind,
-            "n_params": trainer.n_params,
-            "seed": cfg.seed,
-            "device": dev.type,
-            "precision": trainer.precision,
-            "world_size": env.world_size,
-            "hardware": hardware_info(),
-            "versions": versions(),
-            "git_commit": git_commit(),
-            "started_at": started,
-            "finished_at": now_iso(),
-            "data": exp.data_description,
-            "notes": exp.notes + ([error] if error else []),
-        }
-        write_json(out / "result.json", result)
-        from llmlab.report import write_report
+    def save(run_dir: Path) -> None:
+        meta = {"recipe": name.split(":")[0], "preset": name.split(":")[-1], "step": str(trainer.step)}
+        save_weights(run_dir / "model.safetensors", trainer.raw_model.state_dict(), metadata=meta)
 
-        write_report(out)
-    if status == "diverged":
-        raise NonFiniteLossError(error)
-    if status == "interrupted":
-        raise KeyboardInterrupt
-    return result if result is not None else {"status": status, "rank": env.rank}
+    return Outcome(
+        status=status,
+        error=error,
+        metrics=trainer.final_metrics,
+        steps=trainer.step,
+        epochs=trainer.epoch_float,
+        train_time_s=trainer.train_time_s,
+        units_seen=trainer.units_seen,
+        unit=exp.task.unit,
+        n_params=trainer.n_params,
+        precision=trainer.precision,
+        stop_reason=trainer.stop_reason,
+        save=save,
+    )
 
 
 def load_run_config(run_dir: Path) -> tuple[Any, Any, str]:
@@ -217,6 +253,8 @@ def evaluate_run(
     exp = recipe.build(
         cfg, BuildContext(device=dev, dist=DistEnv(), data_dir=Path(data_dir) if data_dir else None)
     )
+    if isinstance(exp, CustomLoop):
+        return exp.evaluate(run_dir, split)
     loaders = {**exp.eval_loaders, **exp.final_loaders}
     if split not in loaders:
         raise ConfigError(f"split {split!r} not available; choose from {', '.join(loaders)}")

@@ -59,6 +59,46 @@ class Experiment:
     data_description: str
     notes: list[str] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)
+    # Files the run directory should hold besides the record, e.g. {"vocab.json": vocab.to_json}: each
+    # writer is called with the file's path once, when the run starts.
+    artifacts: dict[str, Callable[[Path], Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What a finished (or stopped) training loop reports to the runner, which writes the run record."""
+
+    status: str  # completed | diverged | interrupted
+    metrics: dict[str, float]  # final metrics, "split/name"
+    steps: int
+    epochs: float
+    train_time_s: float
+    units_seen: int
+    unit: str  # "samples" or "tokens"
+    n_params: int
+    precision: str
+    save: Callable[[Path], None]  # writes the final model into the run directory
+    stop_reason: str | None = None
+    error: str | None = None
+
+
+class CustomLoop:
+    """What a recipe that deliberately owns its training loop (e.g. HF Accelerate for BERT) builds instead of
+    an Experiment. The runner still writes config.json, the artifacts, result.json and the report, and hands
+    `fit` the standard callbacks (metrics.jsonl, TensorBoard, progress), whose events the loop must emit
+    with an object that has `step`, `total_steps`, `name`, `task.unit` (see llmlab/train/callbacks.py)."""
+
+    data_description: str = ""
+    notes: list[str]
+    callbacks: list[Callback]
+    artifacts: dict[str, Callable[[Path], Any]]
+
+    def fit(self, out: Path, callbacks: list[Callback], resume: bool, name: str) -> Outcome:
+        raise NotImplementedError
+
+    def evaluate(self, run_dir: Path, split: str) -> dict[str, float]:
+        """Metrics of the run's saved final model on `split` (for `llmlab eval`)."""
+        raise NotImplementedError
 
 
 class Recipe:
@@ -87,5 +127,5 @@ class Recipe:
     def target(self, preset: str) -> Target | None:
         return self.targets.get(preset)
 
-    def build(self, cfg: Any, ctx: BuildContext) -> Experiment:
+    def build(self, cfg: Any, ctx: BuildContext) -> Experiment | CustomLoop:
         raise NotImplementedError

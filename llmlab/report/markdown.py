@@ -433,7 +433,8 @@ def compare_runs(runs: Sequence[RunRecord | str | Path]) -> str:
 
     headers = ["run", "recipe", "preset", "status"]
     headers += [f"{target_metric} (target)", "met"] if target_metric else ["target", "met"]
-    headers += metrics + ["steps", "wall time", "throughput", "peak memory", "params"] + differing
+    headers += metrics + ["steps", "wall time", "time/epoch", "throughput", "peak memory", "params"]
+    headers += differing
 
     best = _best_target_value(records, target_metric)
     rows = []
@@ -460,6 +461,7 @@ def compare_runs(runs: Sequence[RunRecord | str | Path]) -> str:
             + [
                 fmt_count(_steps(record)),
                 fmt_duration(r.get("wall_time_s")),
+                fmt_duration(_time_per_epoch(record)),
                 fmt_throughput(r.get("throughput")),
                 fmt_memory(r.get("peak_memory_mb")),
                 fmt_params(r.get("n_params")),
@@ -467,6 +469,14 @@ def compare_runs(runs: Sequence[RunRecord | str | Path]) -> str:
             + [fmt_config_value(flat[k]) if k in flat else DASH for k in differing]
         )
     return md_table(headers, rows)
+
+
+def _time_per_epoch(record: RunRecord) -> float | None:
+    """Training time (not evaluation, not start-up) per epoch of training data."""
+    train_time, epochs = _result(record, "train_time_s"), _epochs(record)
+    if not (is_finite_number(train_time) and is_finite_number(epochs)) or epochs <= 0:
+        return None
+    return train_time / epochs
 
 
 def differing_keys(flats: Sequence[dict[str, Any]]) -> list[str]:

@@ -23,7 +23,8 @@ class StepOutput:
 
 
 class ClassificationTask:
-    """Cross-entropy classification; `batch` is (inputs, labels [B]). Label smoothing applies in training
+    """Cross-entropy classification; `batch` is (*inputs, labels [B]) and the logits are `model(*inputs)`
+    (e.g. (images, labels), or (tokens, lengths, labels) for text). Label smoothing applies in training
     only: validation and test losses are plain cross-entropy, comparable across runs. `tta_hflip` averages
     the evaluation logits of each image and its mirror image (images [B, C, H, W]; flip test-time
     augmentation, as in the fast CIFAR-10 training literature)."""
@@ -34,10 +35,11 @@ class ClassificationTask:
         self.label_smoothing = label_smoothing
         self.tta_hflip = tta_hflip
 
-    def step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
-        x, y = batch
-        logits = model(x)  # [B, K]
+    def step(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> StepOutput:
+        *inputs, y = batch
+        logits = model(*inputs)  # [B, K]
         if self.tta_hflip and not model.training:
+            (x,) = inputs  # images [B, C, H, W]
             logits = 0.5 * (logits + model(x.flip(-1)))  # [B, K]
         smoothing = self.label_smoothing if model.training else 0.0
         if logits.dtype in (torch.float16, torch.bfloat16):

@@ -342,6 +342,8 @@ def test_compare_runs_shows_differing_config_keys_only(tmp_path):
     assert "model.hidden" not in header and "seed" not in header and "optim.name" not in header
     assert header[:6] == ["run", "recipe", "preset", "status", "test/accuracy (target)", "met"]
     assert "val/accuracy" in header and "params" in header and "throughput" in header
+    assert {row[header.index("time/epoch")] for row in rows} == {"40.0s"}  # 80.1 s of training / 2 epochs
+    assert {row[header.index("peak memory")] for row in rows} == {"313 MB"}
     assert [row[0] for row in rows] == ["lr0", "lr1", "lr2"]
     lr_col = header.index("optim.lr")
     assert [row[lr_col] for row in rows] == ["0.01", "0.001", "0.0001"]
