@@ -7,9 +7,12 @@ import difflib
 from llmlab.config import ConfigError
 from llmlab.recipes.base import BuildContext, Experiment, Recipe, Target
 from llmlab.recipes.cifar10_resnet import Cifar10ResNet18, Cifar10ResNet20
+from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
 from llmlab.recipes.mnist_mlp import MnistMLP
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (MnistMLP(), Cifar10ResNet18(), Cifar10ResNet20())}
+RECIPES: dict[str, Recipe] = {
+    r.name: r for r in (MnistMLP(), Cifar10ResNet18(), Cifar10ResNet20(), ImdbLSTM(), ImdbGRU())
+}
 
 
 def get_recipe(name: str) -> Recipe:
