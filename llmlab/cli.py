@@ -1,4 +1,4 @@
-"""The `llmlab` command line: list, config, run, eval, report, data, demo.
+"""The `llmlab` command line: list, config, run, sweep, eval, report, data, predict, serve, demo.
 
 Exit codes: 0 success; 1 a failure while running (missing data, divergence, corrupt checkpoint); 2 a bad
 command line or config (nothing was written).
@@ -223,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=_cmd_data)
+
+    from llmlab.serve.cli import add_predict_parser, add_serve_parser
+
+    add_predict_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser(
         "demo", help="train the stage-1 MLP end to end (MNIST if present, else bundled digits)"

@@ -3,6 +3,7 @@
 Importing this package registers every dataset spec in `DATASETS` (mnist, digits, cifar10, imdb, ...).
 """
 
+from llmlab.data.agnews import AG_NEWS, AG_NEWS_CLASSES, AgNews, find_agnews, load_agnews, stratified_carve
 from llmlab.data.augment import CifarAugment, CifarEval, normalize, random_crop, random_hflip
 from llmlab.data.bucket import BucketLoader, padding_fraction, padding_report, plan_batches
 from llmlab.data.cifar10 import (
@@ -42,6 +43,9 @@ from llmlab.data.synthetic import synthetic_classification
 from llmlab.data.text import Vocab, clean_text, encode_corpus, tokenize, truncate
 
 __all__ = [
+    "AG_NEWS",
+    "AG_NEWS_CLASSES",
+    "AgNews",
     "BucketLoader",
     "CIFAR10",
     "CIFAR10_CLASSES",
@@ -73,11 +77,13 @@ __all__ = [
     "dataset_status",
     "download_dataset",
     "encode_corpus",
+    "find_agnews",
     "find_cifar10",
     "find_file",
     "find_imdb",
     "format_status",
     "get_spec",
+    "load_agnews",
     "load_cifar10",
     "load_digits_splits",
     "load_imdb",
@@ -91,6 +97,7 @@ __all__ = [
     "random_hflip",
     "read_idx",
     "register_dataset",
+    "stratified_carve",
     "synthetic_classification",
     "tokenize",
     "train_val_split",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import difflib
 
 from llmlab.config import ConfigError
+from llmlab.recipes.agnews_bert import AgNewsBert
 from llmlab.recipes.base import BuildContext, Experiment, Recipe, Target
 from llmlab.recipes.cifar10_resnet import Cifar10ResNet18, Cifar10ResNet20
 from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
 from llmlab.recipes.mnist_mlp import MnistMLP
 
 RECIPES: dict[str, Recipe] = {
-    r.name: r for r in (MnistMLP(), Cifar10ResNet18(), Cifar10ResNet20(), ImdbLSTM(), ImdbGRU())
+    r.name: r for r in (MnistMLP(), Cifar10ResNet18(), Cifar10ResNet20(), ImdbLSTM(), ImdbGRU(), AgNewsBert())
 }
 
 

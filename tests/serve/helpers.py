@@ -1,0 +1,163 @@
+"""Shared by the serving tests: a tiny random BERT classifier saved as a user would, and a small HTTP client.
+
+The model is `BertForSequenceClassification` from a config (no weights are downloaded) with the four AG News
+labels; its tokenizer uses the real bert-base-uncased vocab from `$LLMLAB_DATA/tokenizers/` when present and
+a small vocab written here otherwise, so the tests run on any machine.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+
+# Enough for the test sentences to tokenize into real pieces (the rest become [UNK]).
+_SMALL_VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-/&$%")
+    + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    + (
+        "the a an of to in on and for is was are with as by at from that this it be has have after over "
+        "stocks market shares bank rates investors wall street oil prices team game season win won cup "
+        "match coach league players world president government minister election war police people "
+        "software computer internet google apple microsoft space nasa science research new says said "
+        "year years first two three"
+    ).split()
+)
+
+
+def bert_vocab_file(tmp_dir: Path) -> Path:
+    """The real bert-base-uncased vocab.txt under $LLMLAB_DATA, else a small one written under tmp_dir."""
+    root = os.environ.get("LLMLAB_DATA")
+    if root:
+        real = Path(root) / "tokenizers" / "bert-base-uncased" / "vocab.txt"
+        if real.is_file():
+            return real
+    path = tmp_dir / "small-vocab" / "vocab.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(dict.fromkeys(_SMALL_VOCAB)) + "\n")
+    return path
+
+
+def save_tiny_bert(out: Path, vocab_file: Path, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+    """A 2-layer, 32-wide random BERT classifier and its tokenizer, written with save_pretrained to `out`."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab_size = sum(1 for line in vocab_file.read_text().splitlines() if line)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_position_embeddings,
+        # A wide init so that different texts get clearly different predictions (not all ~0.25).
+        initializer_range=0.5,
+        id2label=dict(enumerate(AG_NEWS_LABELS)),
+        label2id={label: i for i, label in enumerate(AG_NEWS_LABELS)},
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    # from_pretrained on the vocab's folder works across transformers 4 and 5; in 5,
+    # BertTokenizerFast(vocab_file=...) silently ignores the file and builds a 5-token vocab.
+    tokenizer = BertTokenizerFast.from_pretrained(str(vocab_file.parent))
+    assert len(tokenizer) == vocab_size, (
+        f"tokenizer has {len(tokenizer)} tokens, {vocab_file} has {vocab_size}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+TEXTS = [
+    "Stocks rallied on Wall Street after the bank held rates.",
+    "The team won the cup in the last game of the season.",
+    "NASA says the new space telescope found water.",
+    "Oil prices fell.",
+    "The president and the minister met after the election to talk about the war and the police.",
+    "Microsoft and Google release new software for the internet",
+    "win",
+    "Investors sold shares of Apple, Microsoft and Google as the market fell for three years in a row, "
+    "the first time since the war; the president says the government has a new plan for the bank.",
+]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error_code(self) -> str:
+        return self.json()["error"]["code"]
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    content_type: str | None = "application/json",
+    headers: dict[str, str] | None = None,
+    timeout: float = 20.0,
+) -> Reply:
+    """One HTTP request to 127.0.0.1:port on a fresh connection (bounded by `timeout`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        hdrs = dict(headers or {})
+        if content_type is not None and body is not None:
+            hdrs.setdefault("Content-Type", content_type)
+        conn.request(method, path, body=body.encode() if isinstance(body, str) else body, headers=hdrs)
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def classify(port: int, texts: Any, timeout: float = 20.0) -> Reply:
+    return request(port, "POST", "/v1/classify", json.dumps({"texts": texts}), timeout=timeout)
+
+
+class FakeClassifier:
+    """A model stand-in: labels by text length; can block on a gate or raise, to test the server's edges."""
+
+    name = "fake"
+    labels = ["short", "long"]
+    max_length = 8
+
+    def __init__(self, gate: threading.Event | None = None, fail_on: str | None = None):
+        self.gate = gate
+        self.fail_on = fail_on
+        self.entered = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def classify(self, texts: list[str]) -> list[dict[str, Any]]:
+        self.calls.append(list(texts))
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)  # bounded: a test that forgets to open the gate still ends
+        if self.fail_on is not None and self.fail_on in texts:
+            raise RuntimeError(f"the model failed on {self.fail_on!r}")
+        out = []
+        for text in texts:
+            p = 0.9 if len(text) > 10 else 0.1
+            out.append(
+                {
+                    "label": "long" if p > 0.5 else "short",
+                    "score": max(p, 1 - p),
+                    "scores": {"short": 1 - p, "long": p},
+                }
+            )
+        return out
