@@ -275,7 +275,7 @@ class ImdbLSTM(_ImdbRecipe):
     description = "Stage 3: bidirectional LSTM sentiment classifier on IMDB (+ TF-IDF baseline)"
     presets = {"default": lambda: _default("lstm"), "smoke": lambda: _smoke("lstm")}
     preset_help = {
-        "default": "real IMDB, BiLSTM 128, 4 epochs on 2 CPU cores (<= 15 min)",
+        "default": "real IMDB, BiLSTM 128, 5 epochs on 2 CPU cores (<= 15 min)",
         "smoke": "synthetic word sequences, seconds (the test suite)",
     }
     targets = {"default": Target("test/accuracy", 0.88), "smoke": Target("test/accuracy", 0.85)}
@@ -287,7 +287,7 @@ class ImdbGRU(_ImdbRecipe):
     description = "Stage 3: bidirectional GRU sentiment classifier on IMDB (+ TF-IDF baseline)"
     presets = {"default": lambda: _default("gru"), "smoke": lambda: _smoke("gru")}
     preset_help = {
-        "default": "real IMDB, BiGRU 128, 4 epochs on 2 CPU cores (<= 15 min)",
+        "default": "real IMDB, BiGRU 128, 5 epochs on 2 CPU cores (<= 15 min)",
         "smoke": "synthetic word sequences, seconds (the test suite)",
     }
     targets = {"default": Target("test/accuracy", 0.88), "smoke": Target("test/accuracy", 0.85)}

@@ -198,6 +198,26 @@ def _check_two_match_one(one: Path, two: Path, launched: subprocess.CompletedPro
     assert result["metrics"]["test/accuracy"] == pytest.approx(r1["metrics"]["test/accuracy"], abs=1 / 64)
 
 
+def test_gradient_accumulation_matches_one_big_batch(shared_data, tmp_path, tmp_path_factory):
+    """The global batch of 8 as 2 accumulated micro-batches of 4 (Accelerate's `accumulate`) takes the same
+    steps as one batch of 8: same tolerance as the 2-process comparison, for the same float reasons."""
+    one = _one_process(shared_data, tmp_path_factory)
+    accum = tmp_path / "accum"
+    result = run(
+        "agnews-bert",
+        "smoke",
+        [*DDP_ARGS, "train.grad_accum=2"],
+        out=accum,
+        device="cpu",
+        data_dir=shared_data,
+    )
+    assert result["steps"] == 24
+    assert any("1 process(es) x 2 micro-batch(es) x 4 articles" in n for n in result["notes"])
+    a, b = _weights(one), _weights(accum)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def test_two_processes_under_torchrun_match_one(shared_data, tmp_path, tmp_path_factory):
     one, two = _one_process(shared_data, tmp_path_factory), tmp_path / "two"
     launched = subprocess.run(
