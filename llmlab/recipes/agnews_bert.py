@@ -813,6 +813,7 @@ class AgNewsBert(Recipe):
     dataset = "ag_news"
     config_cls = AgNewsBertConfig
     presets = {"default": default, "cpu": cpu, "smoke": smoke}
+    smoke_needs_data = True  # the bert-base-uncased vocab and the AG News test CSV
     preset_help = {
         "default": "bert-base-uncased (Hub) on the full AG News, 3 epochs, bf16 on a GPU (~94.5% test; needs "
         "train.csv and the Hub: not runnable in the offline lab)",

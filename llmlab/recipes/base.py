@@ -113,6 +113,9 @@ class Recipe:
     preset_help: ClassVar[dict[str, str]] = {}
     targets: ClassVar[dict[str, Target]] = {}  # per preset; presets without one claim no target
     default_preset: ClassVar[str] = "default"
+    # True when even the smoke preset reads files from the data root (e.g. a real tokenizer vocabulary): the
+    # test suite then runs it only where the data is present.
+    smoke_needs_data: ClassVar[bool] = False
 
     def config(self, preset: str | None = None) -> Any:
         preset = preset or self.default_preset

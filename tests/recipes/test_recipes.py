@@ -21,10 +21,11 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_smoke_preset_trains_and_matches_its_golden_curve(name, tmp_path):
+def test_smoke_preset_trains_and_matches_its_golden_curve(name, tmp_path, request):
     recipe = RECIPES[name]
     assert "smoke" in recipe.presets, f"{name} has no smoke preset"
-    result = run(name, "smoke", out=tmp_path / "run", device="cpu")
+    data_dir = request.getfixturevalue("shared_data") if recipe.smoke_needs_data else None  # else skips
+    result = run(name, "smoke", out=tmp_path / "run", device="cpu", data_dir=data_dir)
     assert result["status"] == "completed"
     target = recipe.target("smoke")
     if target is not None:
