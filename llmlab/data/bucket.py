@@ -25,12 +25,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-Batch = tuple[torch.Tensor, ...]
+from llmlab.data.loader import Batch, TensorLoader
 
 
-class BucketLoader:
+class BucketLoader(TensorLoader):
     """Batches of `(tokens [B, T_batch], lengths [B], *others)` from `tensors = (tokens [N, T], lengths [N],
-    labels [N], ...)`, with `T_batch` = the longest length in the global batch (at least 1)."""
+    labels [N], ...)`, with `T_batch` = the longest length in the global batch (at least 1). TensorLoader's
+    protocol (len, set_epoch, iter_from, the split into process shares); only the batch order differs."""
 
     def __init__(
         self,
@@ -45,12 +46,12 @@ class BucketLoader:
     ) -> None:
         if len(tensors) < 2:
             raise ValueError("BucketLoader needs at least (tokens [N, T], lengths [N])")
+        if batch_size < 1 or bucket_batches < 1:
+            raise ValueError(
+                f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}"
+            )
+        super().__init__(tensors, batch_size, shuffle, drop_last, seed, rank, world_size)
         tokens, lengths = tensors[0], tensors[1]
-        n = tokens.shape[0]
-        if any(t.shape[0] != n for t in tensors):
-            raise ValueError("all tensors need the same first dimension")
-        if n == 0:
-            raise ValueError("empty dataset")
         if tokens.ndim != 2 or lengths.ndim != 1:
             raise ValueError(
                 f"expected tokens [N, T] and lengths [N], got {tuple(tokens.shape)} and "
@@ -59,34 +60,8 @@ class BucketLoader:
         lengths_cpu = lengths.detach().to("cpu", torch.int64)
         if int(lengths_cpu.min()) < 0 or int(lengths_cpu.max()) > tokens.shape[1]:
             raise ValueError(f"lengths must lie in [0, {tokens.shape[1]}] (the width of tokens)")
-        if batch_size < 1 or bucket_batches < 1:
-            raise ValueError(
-                f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}"
-            )
-        if shuffle and batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}")
-        self.tensors = tensors
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.bucket_batches = bucket_batches
-        self.epoch = 0
         self._lengths = lengths_cpu  # planning happens on the CPU, whatever device the data is on
-
-    @property
-    def num_samples(self) -> int:
-        return self.tensors[0].shape[0]
-
-    def __len__(self) -> int:
-        """Global batches per epoch."""
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full if (self.drop_last or rest == 0) else full + 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def batch_indices(self) -> list[torch.Tensor]:
         """The dataset rows of every global batch of the current epoch, in order (int64 CPU tensors)."""
@@ -109,9 +84,6 @@ class BucketLoader:
             # [N, T] -> [B_share, width]; (x[idx, :w] would take a slow generic indexing path)
             tokens = self.tensors[0][:, :width].index_select(0, idx)
             yield (tokens, *(t[idx] for t in self.tensors[1:]))
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.iter_from(0)
 
 
 def plan_batches(
