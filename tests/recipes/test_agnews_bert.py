@@ -43,6 +43,14 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "model" / "model.safetensors")
 
 
+def _assert_same_weights(one: Path, other: Path) -> None:
+    """Every weight within atol 1e-5 (the tolerance is justified in _check_two_match_one)."""
+    a, b = _weights(one), _weights(other)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -191,9 +199,7 @@ def _check_two_match_one(one: Path, two: Path, launched: subprocess.CompletedPro
     # embedding rows of rare tokens, that ~1e-9 noise becomes steps of up to lr * noise / eps: measured 1.2e-6
     # after 24 steps. atol 1e-5 leaves a 10x margin and stays far below what half-batch gradients give
     # (measured 2.7e-2; see the guard below).
-    a, b = _weights(one), _weights(two)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    _assert_same_weights(one, two)
     r1 = json.loads((one / "result.json").read_text())
     assert result["metrics"]["test/accuracy"] == pytest.approx(r1["metrics"]["test/accuracy"], abs=1 / 64)
 
@@ -213,14 +219,24 @@ def test_gradient_accumulation_matches_one_big_batch(shared_data, tmp_path, tmp_
     )
     assert result["steps"] == 24
     assert any("1 process(es) x 2 micro-batch(es) x 4 articles" in n for n in result["notes"])
-    a, b = _weights(one), _weights(accum)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    _assert_same_weights(one, accum)
+
+
+def _launch(launcher: list[str], shared_data: Path, out: Path) -> subprocess.CompletedProcess:
+    """The DDP smoke run of agnews-bert under `launcher` (torchrun or accelerate launch, up to its `-m`)."""
+    args = ["-m", "llmlab", "run", "agnews-bert", "--preset", "smoke", "--device", "cpu", *DDP_ARGS]
+    return subprocess.run(
+        [*launcher, *args, "--out", str(out)],
+        env=_env(shared_data),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_two_processes_under_torchrun_match_one(shared_data, tmp_path, tmp_path_factory):
     one, two = _one_process(shared_data, tmp_path_factory), tmp_path / "two"
-    launched = subprocess.run(
+    launched = _launch(
         [
             sys.executable,
             "-m",
@@ -228,22 +244,9 @@ def test_two_processes_under_torchrun_match_one(shared_data, tmp_path, tmp_path_
             "--standalone",
             "--nproc_per_node",
             "2",
-            "-m",
-            "llmlab",
-            "run",
-            "agnews-bert",
-            "--preset",
-            "smoke",
-            "--device",
-            "cpu",
-            *DDP_ARGS,
-            "--out",
-            str(two),
         ],
-        env=_env(shared_data),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        shared_data,
+        two,
     )
     _check_two_match_one(one, two, launched)
 
@@ -271,7 +274,7 @@ def test_two_processes_under_accelerate_launch_match_one(shared_data, tmp_path, 
     """`accelerate launch --multi_gpu` is torchrun underneath, and works on CPU with --device cpu. (Its
     `--cpu` mode starts one process only: refused, see test_launch_guards.)"""
     one, two = _one_process(shared_data, tmp_path_factory), tmp_path / "two"
-    launched = subprocess.run(
+    launched = _launch(
         [
             sys.executable,
             "-m",
@@ -287,21 +290,8 @@ def test_two_processes_under_accelerate_launch_match_one(shared_data, tmp_path, 
             "no",
             "--main_process_port",
             str(_free_port()),
-            "-m",
-            "llmlab",
-            "run",
-            "agnews-bert",
-            "--preset",
-            "smoke",
-            "--device",
-            "cpu",
-            *DDP_ARGS,
-            "--out",
-            str(two),
         ],
-        env=_env(shared_data),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        shared_data,
+        two,
     )
     _check_two_match_one(one, two, launched)
