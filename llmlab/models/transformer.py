@@ -334,7 +334,7 @@ class Transformer(nn.Module):
         return x, weights
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: src [B, S], tgt_in [B, T] = (BOS, y_1 .. y_{T-1}) -> logits [B, T, V] of y_1..y_T."""
+        """Teacher forcing: src [B, S], tgt_in [B, T] = (BOS, y_1, ...) -> logits [B, T, V] of (y_1, ...)."""
         memory, pad_mask = self.encode(src)
         hidden, _ = self.decode(tgt_in, memory, pad_mask)
         return self.lm_head(hidden)  # [B, T, V]
