@@ -41,6 +41,14 @@ from llmlab.data.store import (
 )
 from llmlab.data.synthetic import synthetic_classification
 from llmlab.data.text import Vocab, clean_text, encode_corpus, tokenize, truncate
+from llmlab.data.translation import (
+    IWSLT2017,
+    MULTI30K,
+    ParallelCorpus,
+    load_iwslt2017,
+    load_multi30k,
+    load_parallel,
+)
 
 __all__ = [
     "AG_NEWS",
@@ -64,10 +72,13 @@ __all__ = [
     "FileSpec",
     "FileStatus",
     "IMDB",
+    "IWSLT2017",
     "Imdb",
     "MNIST",
     "MNIST_MEAN",
     "MNIST_STD",
+    "MULTI30K",
+    "ParallelCorpus",
     "Review",
     "Vocab",
     "cache_dir",
@@ -87,7 +98,10 @@ __all__ = [
     "load_cifar10",
     "load_digits_splits",
     "load_imdb",
+    "load_iwslt2017",
     "load_mnist",
+    "load_multi30k",
+    "load_parallel",
     "locate_dataset",
     "normalize",
     "padding_fraction",
