@@ -1,4 +1,4 @@
-"""The `llmlab` command line: list, config, run, sweep, eval, report, data, predict, serve, demo.
+"""The `llmlab` command line: list, config, run, sweep, eval, report, data, predict, serve, translate, demo.
 
 Exit codes: 0 success; 1 a failure while running (missing data, divergence, corrupt checkpoint); 2 a bad
 command line or config (nothing was written).
@@ -125,6 +125,59 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_translate(args: argparse.Namespace) -> int:
+    """One translation per input text or line, in order, to stdout or --output (written atomically)."""
+    from llmlab.recipes.translation import Translator
+
+    if args.texts and args.input is not None:
+        raise ConfigError("give sentences as arguments or --input FILE, not both")
+    if not args.texts and args.input is None:
+        raise ConfigError(
+            'nothing to translate: give sentences ("A man rides a bike.") or --input FILE (- = stdin)'
+        )
+    lines = list(args.texts) if args.texts else _read_lines(args.input)
+    translator = Translator.from_run(args.run_dir, device=args.device)
+    out: list[str] = []
+    chunk = 256
+    from tqdm.auto import tqdm
+
+    from llmlab.progress import progress_enabled
+
+    with tqdm(total=len(lines), unit="line", disable=not progress_enabled() or len(lines) <= chunk) as bar:
+        for start in range(0, len(lines), chunk):
+            part = lines[start : start + chunk]
+            out += translator.translate(part, beam_size=args.beam, greedy=args.greedy)
+            bar.update(len(part))
+    text = "".join(t + "\n" for t in out)
+    if args.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        from llmlab.fileio import atomic_write_text
+
+        atomic_write_text(args.output, text)
+        print(f"{len(out)} translations written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _read_lines(source: str) -> list[str]:
+    """Lines of a UTF-8 file (or stdin for "-"), without their line endings; no line is added or lost."""
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"--input {source}: cannot read it ({err.strerror or err})") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--input {source}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a byte-order mark is not part of the first sentence
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line does not start another one
+    return [line.removesuffix("\r") for line in lines]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Train the stage-1 MLP on MNIST when the data root has it, else on scikit-learn's bundled digits."""
     from llmlab.data import data_root, dataset_status
@@ -154,6 +207,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmlab.serve.cli import _positive_int, add_predict_parser, add_serve_parser
+
     parser = argparse.ArgumentParser(prog="llmlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -224,10 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", type=Path, default=None)
     p.set_defaults(func=_cmd_data)
 
-    from llmlab.serve.cli import add_predict_parser, add_serve_parser
-
     add_predict_parser(sub)
     add_serve_parser(sub)
+
+    p = sub.add_parser(
+        "translate",
+        help="translate sentences with a trained translation run (stage 5)",
+        description="Translate with a finished translation run (e.g. multi30k-transformer): sentences "
+        "given as arguments, or one per line from --input FILE (- for stdin). Writes exactly one translation "
+        "per input line, in order (an empty line gives an empty line), to stdout or --output FILE. Beam "
+        "search with the run's decoding settings unless --beam K or --greedy.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--input", "-i", default=None, metavar="FILE", help="one sentence per line; - reads stdin")
+    p.add_argument("--output", "-o", type=Path, default=None, metavar="FILE", help="default: stdout")
+    search = p.add_mutually_exclusive_group()
+    search.add_argument("--beam", type=_positive_int, default=None, metavar="K", help="beam size")
+    search.add_argument("--greedy", action="store_true", help="greedy search instead of beam search")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(func=_cmd_translate)
 
     p = sub.add_parser(
         "demo", help="train the stage-1 MLP end to end (MNIST if present, else bundled digits)"
@@ -245,9 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if "=" not in e or e.startswith("-")]
+    if hasattr(args, "texts"):  # `translate RUN --greedy "A man ..."`: texts after an option land in extra
+        args.texts = list(args.texts) + [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from llmlab.data.store import DataCorruptError, DataDownloadError, DataMissingError
+    from llmlab.data.subword import TokenizerError
     from llmlab.report import RunDirError
     from llmlab.train.checkpoint import CheckpointError
     from llmlab.train.distributed import DeviceError
@@ -266,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteLossError,
         DeviceError,
         RunDirError,
+        TokenizerError,
     ) as err:
         print(f"llmlab: error: {err}", file=sys.stderr)
         return 1

@@ -42,6 +42,11 @@ def resolve_config(recipe_name: str, preset: str | None, overrides: Sequence[str
     recipe = get_recipe(recipe_name)
     preset = preset or recipe.default_preset
     cfg = apply_overrides(recipe.config(preset), list(overrides))
+    unit = getattr(getattr(cfg, "train", None), "batch_unit", "samples")
+    if unit not in recipe.batch_units:
+        raise ConfigError(
+            f"train.batch_unit={unit}: recipe {recipe.name!r} batches by {' or '.join(recipe.batch_units)}"
+        )
     return recipe, cfg, preset
 
 
@@ -89,7 +94,8 @@ def run(
     env = init_distributed(dev)
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.seed)
-    exp = recipe.build(cfg, BuildContext(device=dev, dist=env, data_dir=Path(data_dir) if data_dir else None))
+    ctx = BuildContext(device=dev, dist=env, data_dir=Path(data_dir) if data_dir else None, run_dir=out)
+    exp = recipe.build(cfg, ctx)
     if env.enabled:
         # Same initial weights everywhere (DDP also broadcasts them); different dropout masks per process.
         torch.manual_seed(cfg.seed + 1000 * env.rank)
@@ -118,6 +124,13 @@ def run(
         outcome = exp.fit(out, cbs, resume, name)
     else:
         outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, env, name)
+
+    notes = list(exp.notes)
+    if isinstance(exp, Experiment) and exp.final_eval is not None and outcome.status == "completed":
+        if env.is_main:  # decoding whole splits needs no other process
+            final = exp.final_eval(exp.model, [*exp.eval_loaders, *exp.final_loaders], out)
+            outcome.metrics.update(final.metrics)
+            notes += final.notes
 
     result = None
     if env.is_main:
@@ -162,7 +175,7 @@ def run(
             "started_at": started,
             "finished_at": now_iso(),
             "data": exp.data_description,
-            "notes": exp.notes + ([outcome.error] if outcome.error else []),
+            "notes": notes + ([outcome.error] if outcome.error else []),
         }
         write_json(out / "result.json", result)
         from llmlab.report import write_report
@@ -244,14 +257,19 @@ def load_run_config(run_dir: Path) -> tuple[Any, Any, str]:
 
 def evaluate_run(
     run_dir: Path | str, split: str = "test", device: str = "auto", data_dir: Path | str | None = None
-) -> dict[str, float]:
-    """Rebuild a finished run's model and data from its config and evaluate its final weights on `split`."""
+) -> dict[str, Any]:
+    """Rebuild a finished run's model and data from its config and evaluate its final weights on `split`:
+    its metrics (plus, for recipes with a final evaluation, that one's metrics and facts, e.g. a BLEU
+    signature)."""
     run_dir = Path(run_dir)
     recipe, cfg, _ = load_run_config(run_dir)
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     exp = recipe.build(
-        cfg, BuildContext(device=dev, dist=DistEnv(), data_dir=Path(data_dir) if data_dir else None)
+        cfg,
+        BuildContext(
+            device=dev, dist=DistEnv(), data_dir=Path(data_dir) if data_dir else None, run_dir=run_dir
+        ),
     )
     if isinstance(exp, CustomLoop):
         return exp.evaluate(run_dir, split)
@@ -269,4 +287,9 @@ def evaluate_run(
             raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint to evaluate")
         state, _ = load_checkpoint(last, map_location=dev)
     exp.model.to(dev).load_state_dict(state)
-    return evaluate(exp.model, exp.task, loaders[split], dev)
+    metrics: dict[str, Any] = evaluate(exp.model, exp.task, loaders[split], dev)
+    if exp.final_eval is not None:
+        final = exp.final_eval(exp.model, [split], None)
+        metrics.update({k.split("/", 1)[1]: v for k, v in final.metrics.items()})
+        metrics.update(final.info)
+    return metrics

@@ -10,9 +10,20 @@ from llmlab.recipes.base import BuildContext, Experiment, Recipe, Target
 from llmlab.recipes.cifar10_resnet import Cifar10ResNet18, Cifar10ResNet20
 from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
 from llmlab.recipes.mnist_mlp import MnistMLP
+from llmlab.recipes.translation import IwsltTransformer, Multi30kTransformer
 
 RECIPES: dict[str, Recipe] = {
-    r.name: r for r in (MnistMLP(), Cifar10ResNet18(), Cifar10ResNet20(), ImdbLSTM(), ImdbGRU(), AgNewsBert())
+    r.name: r
+    for r in (
+        MnistMLP(),
+        Cifar10ResNet18(),
+        Cifar10ResNet20(),
+        ImdbLSTM(),
+        ImdbGRU(),
+        AgNewsBert(),
+        Multi30kTransformer(),
+        IwsltTransformer(),
+    )
 }
 
 

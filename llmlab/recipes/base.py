@@ -44,6 +44,18 @@ class BuildContext:
     device: torch.device
     dist: DistEnv = field(default_factory=DistEnv)
     data_dir: Path | None = None  # --data-dir; None: LLMLAB_DATA or ~/.cache/llmlab
+    # The run directory (training, resuming, `llmlab eval`): a recipe reuses artifacts it holds (e.g. its
+    # tokenizer.json) instead of rebuilding them, so a resumed or re-evaluated run sees the same ones.
+    run_dir: Path | None = None
+
+
+@dataclass
+class FinalEvaluation:
+    """What a recipe's end-of-run evaluation adds to the run record (see `Experiment.final_eval`)."""
+
+    metrics: dict[str, float]  # "split/name", e.g. "test/bleu_beam"
+    notes: list[str] = field(default_factory=list)  # into result.json's notes and the report
+    info: dict[str, str] = field(default_factory=dict)  # non-numeric facts, e.g. {"bleu_signature": ...}
 
 
 @dataclass
@@ -62,6 +74,11 @@ class Experiment:
     # Files the run directory should hold besides the record, e.g. {"vocab.json": vocab.to_json}: each
     # writer is called with the file's path once, when the run starts.
     artifacts: dict[str, Callable[[Path], Any]] = field(default_factory=dict)
+    # Evaluation that needs more than additive batch statistics (decoding whole splits with several search
+    # settings, corpus BLEU): `final_eval(model, splits, run_dir)` runs on the main process once training is
+    # complete, and for `llmlab eval` (run_dir None: write nothing). It may write files into run_dir (e.g.
+    # translations, figures, a report section under sections/).
+    final_eval: Callable[[nn.Module, list[str], Path | None], FinalEvaluation] | None = None
 
 
 @dataclass
@@ -116,6 +133,8 @@ class Recipe:
     # True when even the smoke preset reads files from the data root (e.g. a real tokenizer vocabulary): the
     # test suite then runs it only where the data is present.
     smoke_needs_data: ClassVar[bool] = False
+    # What `train.batch_size` may count: samples, or tokens for recipes that batch by length (translation).
+    batch_units: ClassVar[tuple[str, ...]] = ("samples",)
 
     def config(self, preset: str | None = None) -> Any:
         preset = preset or self.default_preset

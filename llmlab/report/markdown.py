@@ -29,6 +29,7 @@ from llmlab.report.run import (
 )
 
 REPORT_FILE = "report.md"
+SECTIONS_DIR = "sections"
 DASH = "—"
 MET = {True: "✅", False: "❌", None: DASH}
 SPECIAL_GROUP_KEYS = ("recipe", "preset")
@@ -265,6 +266,7 @@ def write_report(run: RunRecord | str | Path) -> Path:
         _title_section(record),
         _summary_section(record),
         _results_section(record),
+        *_recipe_sections(record),
         _curves_section(record, curves),
         _performance_section(record),
         _config_section(record),
@@ -336,6 +338,15 @@ def _results_section(record: RunRecord) -> str:
         rows.append([f"`{v.metric}`", DASH, f"{v.bound} {MET[v.met]}"])
     source = "" if record.result is not None else "\n\n_Last logged values (metrics.jsonl; no result.json)._"
     return "## Results\n\n" + md_table(["metric", "value", "target"], rows) + source
+
+
+def _recipe_sections(record: RunRecord) -> list[str]:
+    """Sections a recipe wrote for its runs (`sections/*.md` in the run directory, in name order), e.g. a
+    translation run's BLEU table, sample translations and attention heat-map."""
+    folder = record.path / SECTIONS_DIR
+    if not folder.is_dir():
+        return []
+    return [p.read_text(encoding="utf-8", errors="replace").strip() for p in sorted(folder.glob("*.md"))]
 
 
 def _curves_section(record: RunRecord, curves: Path | None) -> str:

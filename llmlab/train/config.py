@@ -16,6 +16,9 @@ class TrainConfig:
     split into grad_accum micro-batches)."""
 
     batch_size: int = 128
+    # What batch_size counts: samples, or tokens (padded source/target slots, as fairseq's --max-tokens) for
+    # recipes that batch variable-length pairs by length; each recipe says which it supports.
+    batch_unit: Literal["samples", "tokens"] = "samples"
     grad_accum: int = 1
     max_epochs: float | None = 1.0
     max_steps: int | None = None  # when set, wins over max_epochs
@@ -25,7 +28,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max global L2 norm of the gradients
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
-    eval_batch_size: int | None = None  # default: batch_size
+    eval_batch_size: int | None = None  # default: batch_size (same unit)
     log_every: int = 50  # steps between train-metric log lines
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of each epoch; <0 = never
     keep_checkpoints: int = 2
@@ -35,7 +38,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
-        if self.batch_size % self.grad_accum:
+        if self.batch_unit == "samples" and self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set max_steps or max_epochs")
@@ -84,9 +87,13 @@ class ScheduleConfig:
     constant / cosine / linear: linear warmup from `start_ratio` to 1, then hold / cosine / linear decay to
     `min_lr_ratio`. onecycle: Smith & Topin (2017) as torch.optim.lr_scheduler.OneCycleLR with cosine
     annealing: cosine ramp from `start_ratio` to 1 over the warmup, cosine down to `min_lr_ratio`.
+    noam: the Transformer paper's schedule (Vaswani et al. 2017, §5.3), lr = d_model^-0.5 · min(s^-0.5,
+    s · warmup^-1.5) at step s = 1, 2, ...: a linear rise for `warmup` steps, then decay ∝ 1/√s. As a
+    multiplier of optim.lr that peaks at 1, min(s / warmup, √(warmup / s)), so optim.lr is the peak rate:
+    optim.lr = d_model^-0.5 · warmup^-0.5 reproduces the paper exactly (7.0e-4 for d 512, warmup 4000).
     Warmup length: max(warmup_steps, warmup_frac * total steps)."""
 
-    name: Literal["constant", "cosine", "linear", "onecycle"] = "cosine"
+    name: Literal["constant", "cosine", "linear", "onecycle", "noam"] = "cosine"
     warmup_steps: int = 0
     warmup_frac: float = 0.0
     start_ratio: float = 0.0

@@ -60,6 +60,9 @@ class LRLambda:
     def __call__(self, step: int) -> float:
         if self.name == "onecycle":
             return self._onecycle(step)
+        if self.name == "noam":
+            s, w = step + 1, max(self.warmup_steps, 1)  # the paper counts steps from 1
+            return min(s / w, math.sqrt(w / s))
         if step < self.warmup_steps:
             return self.start_ratio + (1.0 - self.start_ratio) * step / self.warmup_steps
         if self.name == "constant":

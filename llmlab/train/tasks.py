@@ -2,17 +2,21 @@
 
 A task's `step` returns the mean loss of a (micro-)batch, how many units it covered (samples or tokens), and
 additive statistics (e.g. the number of correct predictions); the Trainer sums those over batches and
-processes and asks the task to turn the totals into metrics. Later stages add language-model and seq2seq
-tasks with the same three methods.
+processes and asks the task to turn the totals into metrics. A task whose unit is not the sample (tokens) also
+has `units(batch)`, so the Trainer can weight micro-batches and processes by it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmlab.nn.losses import label_smoothed_nll
 
 
 @dataclass
@@ -64,3 +68,65 @@ class ClassificationTask:
 
     def metrics(self, loss_sum: float, n: float, sums: dict[str, float]) -> dict[str, float]:
         return {"loss": loss_sum / n, "accuracy": sums["correct"] / n}
+
+
+class Seq2SeqTask:
+    """Teacher-forced next-token loss of a sequence-to-sequence model (llmlab.models.transformer).
+
+    A batch is (src [B, S], tgt [B, T], ids [B]), tgt = (BOS, y_1, ..., y_n, EOS, PAD, ...): the model reads
+    tgt[:, :-1] and predicts tgt[:, 1:]. The loss is the label-smoothed cross-entropy per real target token
+    (llmlab/nn/losses.py; smoothing in training only, so validation and test losses are plain NLL); the unit
+    is target tokens — what the Trainer weights micro-batches and processes by, and what throughput counts.
+    Metrics: loss, ppl (exp of the plain NLL per token, also in training), token_accuracy, and, in evaluation
+    with a `scorer` (model, src, ids) -> BLEU statistics (llmlab/train/bleu.py), the corpus BLEU of the
+    batches' translations: its statistics are sums, so they add up over batches and processes."""
+
+    unit = "tokens"
+
+    def __init__(
+        self,
+        pad_id: int,
+        label_smoothing: float = 0.0,
+        scorer: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
+    ) -> None:
+        if not 0 <= label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        self.pad_id = pad_id
+        self.label_smoothing = label_smoothing
+        self.scorer = scorer
+
+    def units(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """Real target tokens the batch predicts (EOS included, BOS and padding not)."""
+        return int(batch[1][:, 1:].ne(self.pad_id).sum())
+
+    def step(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> StepOutput:
+        src, tgt = batch[0], batch[1]
+        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]  # [B, T-1] each
+        logits = model(src, tgt_in)  # [B, T-1, V]
+        smoothing = self.label_smoothing if model.training else 0.0
+        loss_sum, nll_sum, n = label_smoothed_nll(logits, tgt_out, smoothing, self.pad_id)
+        real = tgt_out.ne(self.pad_id)  # [B, T-1]
+        correct = (logits.detach().argmax(dim=-1).eq(tgt_out) & real).sum()
+        count = int(n)
+        sums = {"nll": nll_sum.detach(), "correct": correct.float()}
+        if self.scorer is not None and not model.training:
+            sums.update(
+                {
+                    k: torch.tensor(v, dtype=torch.float64)
+                    for k, v in self.scorer(model, src, batch[2]).items()
+                }
+            )
+        return StepOutput(loss=loss_sum / max(count, 1), n=count, sums=sums)
+
+    def metrics(self, loss_sum: float, n: float, sums: dict[str, float]) -> dict[str, float]:
+        from llmlab.train.bleu import STAT_KEYS, bleu_from_stats
+
+        n = max(n, 1.0)
+        out = {
+            "loss": loss_sum / n,
+            "ppl": math.exp(min(sums["nll"] / n, 50.0)),  # capped: exp(50) already says "untrained"
+            "token_accuracy": sums["correct"] / n,
+        }
+        if all(k in sums for k in STAT_KEYS):
+            out["bleu"] = bleu_from_stats(sums)
+        return out

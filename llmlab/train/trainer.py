@@ -216,12 +216,20 @@ class Trainer:
         self.model.train()
         batch = to_device(batch, self.device)
         micro_batches = split_batch(batch, self.cfg.grad_accum)
-        rows = _rows(batch)
+        units = [self._units(m) for m in micro_batches]
+        total = float(sum(units))
+        if self.dist.enabled:  # the global batch's units, so that each process weighs its own share
+            total = all_reduce_sum_(
+                torch.tensor(total, device=self.device, dtype=torch.float64), self.dist
+            ).item()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         n, sums = 0, {}
         for i, micro in enumerate(micro_batches):
-            scale = _rows(micro) / rows  # mean over the batch = weighted mean of micro-batch means
+            # The global mean over units = Σ (micro-batch mean × its share of the units). DDP (and our manual
+            # all-reduce) average over processes, hence × world size. Units are samples, or tokens for tasks
+            # with variable-length targets, whose micro-batches and processes hold different token counts.
+            scale = units[i] * self.dist.world_size / max(total, 1.0)
             last = i == len(micro_batches) - 1
             no_sync = self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
             with no_sync:
@@ -258,6 +266,10 @@ class Trainer:
 
         self._accumulate(loss_sum, n, sums, grad_norm)
         return StepOutput(loss=torch.tensor(loss_value), n=int(totals[1].item()), sums=sums)
+
+    def _units(self, micro: Any) -> int:
+        count = getattr(self.task, "units", None)
+        return count(micro) if count is not None else _rows(micro)
 
     def _nonfinite_message(self, what: str) -> str:
         last = ckpt.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None

@@ -94,3 +94,19 @@ def test_manual_sgd_is_available_by_name():
 
     opt = build_optimizer(nn.Linear(2, 2), OptimConfig(name="manual_sgd", lr=0.1, nesterov=True))
     assert isinstance(opt, ManualSGD)
+
+
+def test_noam_is_the_papers_formula_with_optim_lr_at_its_peak():
+    d_model, warmup = 512, 4000
+    peak = d_model**-0.5 * warmup**-0.5
+    fn = LRLambda("noam", total_steps=10_000, warmup_steps=warmup, start_ratio=0.0, min_lr_ratio=0.0)
+    for step in (0, 1, 99, 3998, 3999, 4000, 9999):
+        s = step + 1  # the paper's step_num starts at 1
+        paper = d_model**-0.5 * min(s**-0.5, s * warmup**-1.5)
+        assert peak * fn(step) == pytest.approx(paper, rel=1e-12)
+    assert max(fn(s) for s in range(10_000)) == pytest.approx(1.0)
+    assert peak == pytest.approx(6.988e-4, rel=1e-3)
+    opt = _opt(lr=peak)
+    sched = build_scheduler(opt, ScheduleConfig(name="noam", warmup_steps=warmup), 10_000)
+    lrs = _lrs(sched, opt, 4001)
+    assert lrs[3999] == pytest.approx(peak) and lrs[0] == pytest.approx(peak / warmup)

@@ -1,0 +1,165 @@
+"""Stage 5 recipes end to end: the smoke run's record (greedy and beam BLEU with signature, translations,
+report section, heat-map), `llmlab eval` and `llmlab translate` as their help texts describe them, clear
+errors, and a real-data run on Multi30k whose val BLEU rises — scored by our call and by sacrebleu alike."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+
+from llmlab.cli import main
+from llmlab.runner import run
+
+SENTENCES = ["a man sees a dog .", "", "the red ball .", "a woman sits on the street ."]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("translation") / "run"
+    result = run("multi30k-transformer", "smoke", out=out, device="cpu")
+    assert result["status"] == "completed"
+    return out
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def test_smoke_run_records_greedy_and_beam_bleu_translations_and_a_report(smoke_run):
+    result = json.loads((smoke_run / "result.json").read_text())
+    m = result["metrics"]
+    for split in ("val", "test"):
+        for mode in ("greedy", "beam"):
+            assert 0 <= m[f"{split}/bleu_{mode}"] <= 100
+            hyps = _lines(smoke_run / "translations" / f"{split}.{mode}.txt")
+            assert len(hyps) == 100  # one line per sentence, in order
+        assert m[f"{split}/bleu_greedy"] == pytest.approx(m[f"{split}/bleu"])  # training-time greedy == final
+    assert result["throughput"]["unit"] == "tokens/s"
+    assert any("sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in n for n in result["notes"])
+    report = (smoke_run / "report.md").read_text()
+    assert "## Translation" in report and "### Sample translations" in report
+    assert "![attention](attention.png)" in report and (smoke_run / "attention.png").stat().st_size > 1000
+    assert (smoke_run / "tokenizer.json").is_file()
+    metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    val_bleu = [r["bleu"] for r in metrics if r["split"] == "val"]
+    assert len(val_bleu) == 2 and val_bleu[-1] > val_bleu[0]  # the curve rises
+
+
+def test_eval_gives_greedy_and_beam_bleu_with_the_signature(smoke_run, capsys):
+    assert main(["eval", str(smoke_run), "--split", "test", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads((smoke_run / "result.json").read_text())["metrics"]
+    assert printed["test/bleu_beam"] == pytest.approx(result["test/bleu_beam"])
+    assert printed["test/bleu_greedy"] == pytest.approx(result["test/bleu_greedy"])
+    assert printed["test/bleu_signature"].startswith("nrefs:1|case:mixed")
+
+
+def test_translate_arguments_files_stdin_and_output(smoke_run, tmp_path, capsys):
+    assert main(["translate", str(smoke_run), *SENTENCES]) == 0
+    by_args = capsys.readouterr().out.split("\n")[:-1]
+    assert len(by_args) == 4 and by_args[1] == "" and all(by_args[i] for i in (0, 2, 3))
+
+    src = tmp_path / "in.txt"
+    src.write_bytes("\r\n".join(SENTENCES).encode())  # CRLF, no newline after the last line
+    out = tmp_path / "out.txt"
+    assert main(["translate", str(smoke_run), "--input", str(src), "--output", str(out)]) == 0
+    assert _lines(out) == by_args
+
+    # --beam 1 is greedy search, through the whole command line.
+    assert main(["translate", str(smoke_run), "--greedy", *SENTENCES]) == 0
+    greedy = capsys.readouterr().out
+    assert main(["translate", str(smoke_run), "--beam", "1", *SENTENCES]) == 0
+    assert capsys.readouterr().out == greedy
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmlab", "translate", str(smoke_run), "-i", "-"],
+        input="\n".join(SENTENCES) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:-1] == by_args
+
+
+def test_translate_errors_are_clear(smoke_run, tmp_path, capsys):
+    assert main(["translate", str(tmp_path / "nope"), "x"]) == 1
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["translate", str(smoke_run)]) == 2
+    assert "nothing to translate" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe broken\n")
+    assert main(["translate", str(smoke_run), "--input", str(tmp_path / "bad.txt")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert main(["translate", str(smoke_run), "--input", str(tmp_path / "bad.txt"), "x"]) == 2
+    other = tmp_path / "mnist"
+    other.mkdir()
+    (other / "config.json").write_text(
+        json.dumps({"recipe": "mnist-mlp", "preset": "digits", "config": {}, "overrides": []})
+    )
+    assert main(["translate", str(other), "x"]) == 1
+    assert "not a translation model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["translate", str(smoke_run), "--beam", "0", "x"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((smoke_run / name).read_bytes())
+    (broken / "tokenizer.json").write_text("{cut")
+    assert main(["translate", str(broken), "x"]) == 1
+    assert "tokenizer" in capsys.readouterr().err
+
+
+def test_batch_unit_is_checked_against_the_recipe(capsys):
+    assert main(["config", "multi30k-transformer", "train.batch_unit=samples"]) == 2
+    assert "batches by tokens" in capsys.readouterr().err
+    assert main(["config", "mnist-mlp", "train.batch_unit=tokens"]) == 2
+    assert "batches by samples" in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    code = main(
+        [
+            "run",
+            "multi30k-transformer",
+            "--preset",
+            "cpu",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "multi30k" in err and "llmlab data download multi30k" in err
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_real_multi30k_bleu_rises_and_our_bleu_is_sacrebleus(shared_data, tmp_path):
+    """300 steps of a small model on real Multi30k (about 1.5 min on 2 cores): val BLEU rises at each
+    evaluation and ends above a floor a broken pipeline cannot reach (an untrained model scores < 1; this
+    setup measured 5.1 greedy / 7.4 beam); the final figures equal sacrebleu run on the saved translations."""
+    out = tmp_path / "real"
+    overrides = [
+        "model.d_model=128", "model.encoder_layers=2", "model.decoder_layers=2", "model.d_ff=256",
+        "data.vocab_size=4000", "data.eval_limit=200", "train.max_steps=300", "train.eval_every=100",
+        "train.batch_size=2000", "schedule.warmup_steps=50", "optim.lr=2e-3",
+    ]  # fmt: skip
+    result = run("multi30k-transformer", "cpu", overrides, out=out, device="cpu", data_dir=shared_data)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val_bleu = [r["bleu"] for r in metrics if r["split"] == "val"]
+    assert len(val_bleu) == 3 and val_bleu[0] < val_bleu[1] < val_bleu[2]
+    m = result["metrics"]
+    assert m["val/bleu_greedy"] > 2.5 and m["val/bleu_beam"] > 3.5
+    from llmlab.data.translation import load_multi30k
+
+    refs = load_multi30k(shared_data).splits["val"][1][:200]
+    for mode in ("greedy", "beam"):
+        hyps = _lines(out / "translations" / f"val.{mode}.txt")
+        assert sacrebleu.corpus_bleu(hyps, [refs]).score == pytest.approx(m[f"val/bleu_{mode}"], abs=1e-9)
