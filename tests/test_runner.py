@@ -127,7 +127,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("impl", ["autograd", "manual"])
 def test_ddp_two_processes_match_one(tmp_path, impl):
     """2 gloo processes with the same global batch take the same steps as 1 process (dropout off, since masks
-    are drawn per process). float32 all-reduce sums in another order than one big batch: ~1e-6 apart."""
+    are drawn per process). float32 all-reduce sums in another order than one big batch, and half-size
+    matmuls block differently: ~1e-6 apart on an AMD EPYC, up to 8e-6 on an Intel Xeon (AVX-512 kernels) after
+    32 steps. atol 2e-5 keeps a margin over that and stays 50x below the > 1e-3 that a half batch moves the
+    weights by (the guard below)."""
     args = [
         "--preset",
         "smoke",
@@ -171,7 +174,7 @@ def test_ddp_two_processes_match_one(tmp_path, impl):
     assert result["world_size"] == 2
     a, b = load_weights(one / "model.safetensors"), load_weights(two / "model.safetensors")
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=2e-5)
     r1 = json.loads((one / "result.json").read_text())
     assert result["metrics"]["test/accuracy"] == pytest.approx(r1["metrics"]["test/accuracy"], abs=2 / 512)
 

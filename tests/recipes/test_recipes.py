@@ -2,8 +2,15 @@
 
 The golden curve is the first train-loss log lines of the smoke run, stored in tests/recipes/golden/. It
 catches silent changes to initialisation, data order, the schedule or the loss. Regenerate after an
-intended change with LLMLAB_UPDATE_GOLDEN=1. Tolerance: rtol 1e-3, far above float32 reduction-order noise
-between CPUs (~1e-6 after a hundred steps) and far below what a real change moves (>1e-2).
+intended change with LLMLAB_UPDATE_GOLDEN=1.
+
+Tolerance: float32 rounding differs between CPUs (oneDNN and MKL pick kernels by instruction set), by ~1e-7
+per operation, and training amplifies it: for the MLP and RNN recipes the curves still agree to ~1e-6 after
+a hundred steps, but the ResNet smoke runs (high learning rate, batch norm on small batches) drift by 0.1% at
+their 2nd logged point, 0.4% at the 4th and 2.5% at the 5th (measured: goldens made on an AMD EPYC, run on an
+Intel Xeon). A real change (initialisation, data order, schedule, loss) moves the very first logged losses
+by more than 1e-2. So the first two points must agree to rtol 1e-3 and the next two to rtol 2e-2; later
+points, which only say how chaotic a run is, are stored but not compared.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ def test_smoke_preset_trains_and_matches_its_golden_curve(name, tmp_path, reques
             pytest.fail(f"no golden curve for {name}: written {golden}; review and commit it")
     expected = json.loads(golden.read_text())["train_loss"]
     assert [s for s, _ in curve] == [s for s, _ in expected]
-    assert [v for _, v in curve] == pytest.approx([v for _, v in expected], rel=1e-3)
+    values, golden = [v for _, v in curve], [v for _, v in expected]
+    assert values[:2] == pytest.approx(golden[:2], rel=1e-3)
+    assert values[2:4] == pytest.approx(golden[2:4], rel=2e-2)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
