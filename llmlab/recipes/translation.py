@@ -138,13 +138,13 @@ def _cpu(source: str = "multi30k") -> TranslationConfig:
         train=TrainConfig(
             batch_size=3000,
             batch_unit="tokens",
-            max_epochs=14,
+            max_epochs=12,
             eval_every=0,
             log_every=50,
             precision="fp32",
             grad_clip=1.0,
         ),
-        optim=OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0001),
+        optim=OptimConfig(name="adamw", lr=7e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0001),
         schedule=ScheduleConfig(name="cosine", warmup_steps=400, min_lr_ratio=0.05),
     )
 
