@@ -117,8 +117,16 @@ def _check_specials(tok, where: str) -> None:
 
 
 def encode(tok, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text (no special tokens added)."""
-    return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    """Token ids of each text, never a special token: `tokenizers` turns the strings "<pad>", "</s>", ...
+    found in a text into their special ids (so a user typing "</s>" would end the source, and "<pad>" would
+    be masked out as padding); such texts go through the pre-tokenizer and the BPE model directly, which
+    treats them as the ordinary characters they are. Other texts take the fast batched path (same ids)."""
+    out = [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    for i, text in enumerate(texts):
+        if any(s in text for s in SPECIALS):
+            pieces = tok.pre_tokenizer.pre_tokenize_str(text)
+            out[i] = [t.id for piece, _ in pieces for t in tok.model.tokenize(piece)]
+    return out
 
 
 def decode(tok, ids: Sequence[Sequence[int]]) -> list[str]:

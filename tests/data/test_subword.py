@@ -31,7 +31,7 @@ def test_round_trip_of_any_text_and_special_ids(tmp_path):
     tok = train_bpe(TEXTS, vocab_size=400, min_frequency=1)
     assert (PAD_ID, BOS_ID, EOS_ID) == (0, 1, 2)
     assert tok.get_vocab_size() <= 400
-    hostile = ["Zwei Männer über 😀 中文 «quoted» \t tab", "", "   ", "!!??"]
+    hostile = ["Zwei Männer über 😀 中文 «quoted» \t tab", "", "   ", "!!??", "a </s> b <pad> <s><unk>"]
     for text in TEXTS[:4] + hostile:
         (ids,) = encode(tok, [text])
         assert all(i > 3 for i in ids)  # no special token inside ordinary text
@@ -71,3 +71,14 @@ def test_saved_file_loads_in_tokenizers_and_bad_files_are_clear_errors(tmp_path)
         load_tokenizer(tmp_path / "swapped.json")
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(TEXTS, 100)
+
+
+def test_the_path_for_texts_with_special_strings_gives_the_ids_of_the_fast_path():
+    tok = train_bpe(TEXTS, vocab_size=400, min_frequency=1)
+    for text in TEXTS[:4]:
+        pieces = tok.pre_tokenizer.pre_tokenize_str(text)
+        slow = [t.id for piece, _ in pieces for t in tok.model.tokenize(piece)]
+        assert slow == encode(tok, [text])[0]
+    # "</s>" inside a text is three ordinary pieces, so the source does not end there.
+    (ids,) = encode(tok, ["a man </s> a dog"])
+    assert EOS_ID not in ids and PAD_ID not in ids
