@@ -83,7 +83,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llmlab.runner import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, split=args.split, device=args.device, data_dir=args.data_dir)
+    metrics = evaluate_run(
+        args.run_dir, split=args.split, device=args.device, data_dir=args.data_dir, overrides=args.overrides
+    )
     print(json.dumps({f"{args.split}/{k}": v for k, v in metrics.items()}, indent=2))
     return 0
 
@@ -258,10 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=v1,v2")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("eval", help="evaluate a finished run's weights on a split")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a finished run's weights on a split",
+        description="Evaluate a run's final weights on a split. Overrides may change only how the model is "
+        "decoded (decode.*, e.g. decode.beam_size=8 decode.length_penalty=1.0): the model and data stay the "
+        "run's.",
+    )
     p.add_argument("run_dir", type=Path)
     p.add_argument("--split", default="test")
     device_and_data(p)
+    p.add_argument("overrides", nargs="*", metavar="decode.key=value")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("report", help="write a run's report.md, or compare several runs in one table")

@@ -256,13 +256,24 @@ def load_run_config(run_dir: Path) -> tuple[Any, Any, str]:
 
 
 def evaluate_run(
-    run_dir: Path | str, split: str = "test", device: str = "auto", data_dir: Path | str | None = None
+    run_dir: Path | str,
+    split: str = "test",
+    device: str = "auto",
+    data_dir: Path | str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Rebuild a finished run's model and data from its config and evaluate its final weights on `split`:
     its metrics (plus, for recipes with a final evaluation, that one's metrics and facts, e.g. a BLEU
     signature)."""
     run_dir = Path(run_dir)
     recipe, cfg, _ = load_run_config(run_dir)
+    changed = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("decode.")]
+    if changed:
+        raise ConfigError(
+            f"llmlab eval changes only decoding settings (decode.*), not {', '.join(changed)}: the weights "
+            "belong to the run's model and data"
+        )
+    cfg = apply_overrides(cfg, list(overrides))
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     exp = recipe.build(
