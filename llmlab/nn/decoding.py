@@ -13,7 +13,9 @@ log p(y | x) = Σ_t log p(y_t | y_<t, x). Finding the best y exactly is intracta
   log p(y | x) / lp(n), lp(n) = ((5 + n) / 6)^α. α = 0 is the raw log-probability, which favours short
   outputs (every token adds a negative term); the Transformer paper used beam 4 and α = 0.6.
 - lengths: the model never emits PAD or BOS; a sentence's output has at most max_len tokens including EOS,
-  max_len = min(⌊a·|x| + b⌋, cap) with |x| its source length in tokens: EOS is forced at the last position.
+  max_len = min(⌊a·|x| + b⌋, cap) with |x| its source length in tokens: EOS is forced at the last position;
+  and at least `min_len` tokens before EOS (fairseq's min_len, default 1: never an empty translation, which a
+  beam with a length penalty can otherwise prefer when the model gives EOS-first a little probability).
 - stopping: a sentence is done once it has K finished hypotheses (`early_stop=True`, fairseq's rule), or,
   with `early_stop=False`, once no live beam can beat its worst finished one. That bound is exact: a live
   beam's raw score s ≤ 0 can only fall, and s / lp(n') ≤ s / lp(max_len) for every n' ≤ max_len (α ≥ 0), so
@@ -54,11 +56,14 @@ class DecodeConfig:
     max_len_b: int = 10
     max_len_cap: int = 512
     early_stop: bool = True  # a sentence is done when it has beam_size finished hypotheses
+    min_len: int = 1  # output tokens before EOS may come (the length limit still wins)
     batch_size: int = 64  # sentences per decoding batch
 
     def __post_init__(self) -> None:
         if self.beam_size < 1 or self.batch_size < 1 or self.max_len_cap < 1:
             raise ValueError("beam_size, batch_size and max_len_cap must be >= 1")
+        if self.min_len < 0:
+            raise ValueError("min_len must be >= 0")
         if self.length_penalty < 0 or self.max_len_a < 0 or self.max_len_b < 0:
             raise ValueError("length_penalty, max_len_a and max_len_b must be >= 0")
         if self.max_len_a == 0 and self.max_len_b == 0:
@@ -87,11 +92,13 @@ def max_lengths(src: Tensor, pad_id: int, cfg: DecodeConfig) -> Tensor:
     return limit.clamp(min=1, max=cfg.max_len_cap)
 
 
-def _step_scores(logp: Tensor, t: int, limit: Tensor, bos: int, eos: int, pad: int) -> Tensor:
-    """Mask what may not be generated at output position t + 1: PAD and BOS never; anything but EOS at the
-    last allowed position (limit [N])."""
+def _step_scores(logp: Tensor, t: int, limit: Tensor, bos: int, eos: int, pad: int, min_len: int) -> Tensor:
+    """Mask what may not be generated at output position t + 1: PAD and BOS never; EOS before min_len
+    tokens; anything but EOS at the last allowed position (limit [N])."""
     logp = logp.clone()
     logp[:, [pad, bos]] = float("-inf")
+    if t < min_len:
+        logp[:, eos] = float("-inf")
     last = (t + 1) >= limit  # [N]
     if last.any():
         eos_col = logp[last, eos].clone()
@@ -113,7 +120,9 @@ def greedy_search(model: nn.Module, src: Tensor, bos: int, eos: int, cfg: Decode
     outputs: list[list[int]] = [[] for _ in range(src.shape[0])]
     logprobs = [0.0] * src.shape[0]
     for t in range(int(limit.max())):
-        logp = _step_scores(model.decode_step(tokens, state), t, limit[alive], bos, eos, pad)  # [N, V]
+        logp = _step_scores(
+            model.decode_step(tokens, state), t, limit[alive], bos, eos, pad, cfg.min_len
+        )  # [N, V]
         best, tokens = logp.max(dim=-1)  # [N], [N]
         for sent, tok, lp in zip(alive.tolist(), tokens.tolist(), best.tolist(), strict=True):
             outputs[sent].append(tok)
@@ -158,7 +167,9 @@ def beam_search(
     for t in range(int(limit_all.max())):
         n = sent_ids.numel()
         limit = limit_all[sent_ids].repeat_interleave(k)  # [n·K]
-        logp = _step_scores(model.decode_step(tokens, state), t, limit, bos, eos, pad)  # [n·K, V]
+        logp = _step_scores(
+            model.decode_step(tokens, state), t, limit, bos, eos, pad, cfg.min_len
+        )  # [n·K, V]
         vocab = logp.shape[-1]
         cand = (scores.view(n * k, 1) + logp).view(n, k * vocab)  # [n, K·V] cumulative log-probs
         top, idx = cand.topk(min(2 * k, k * vocab), dim=-1)  # [n, 2K]
@@ -241,7 +252,7 @@ def beam_search_naive(
             logits = model(x.expand(len(beams), -1), prefixes)[:, -1]  # [k, V]
             limits = torch.full((len(beams),), limit, device=src.device)
             logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            logp = _step_scores(torch.log_softmax(logits, dim=-1), t, limits, bos, eos, pad)
+            logp = _step_scores(torch.log_softmax(logits, dim=-1), t, limits, bos, eos, pad, cfg.min_len)
             cands = [
                 (score + float(logp[b, v]), b, v)
                 for b, (score, _) in enumerate(beams)

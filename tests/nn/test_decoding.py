@@ -60,6 +60,8 @@ def _greedy_by_recompute(model, src, cfg) -> list[list[int]]:
         for t in range(limit):
             logp = torch.log_softmax(model(x, torch.tensor([[BOS] + ys]))[0, -1], -1)
             logp[[PAD, BOS]] = float("-inf")
+            if t < cfg.min_len:
+                logp[EOS] = float("-inf")
             if t + 1 == limit:
                 ys.append(EOS)
                 break
@@ -127,11 +129,11 @@ def test_without_early_stop_the_search_goes_on_until_no_beam_can_win():
 
 
 @torch.no_grad()
-def _enumerate(model, x, max_tokens: int, alpha: float) -> list[Hypothesis]:
-    """Every possible output (≤ max_tokens - 1 ordinary tokens, then EOS) with its exact score."""
+def _enumerate(model, x, max_tokens: int, alpha: float, min_len: int = 0) -> list[Hypothesis]:
+    """Every possible output (min_len to max_tokens - 1 ordinary tokens, then EOS) with its exact score."""
     ordinary = list(range(3, model.vocab_size))
     hyps = []
-    for n in range(max_tokens):
+    for n in range(min_len, max_tokens):
         for words in itertools.product(ordinary, repeat=n):
             y = list(words) + [EOS]
             logp = torch.log_softmax(model(x, torch.tensor([[BOS] + y[:-1]]))[0], -1)  # [len(y), V]
@@ -143,16 +145,22 @@ def _enumerate(model, x, max_tokens: int, alpha: float) -> list[Hypothesis]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
 @pytest.mark.parametrize("early", [False, True])
-def test_a_wide_beam_finds_the_best_of_every_possible_output(seed, alpha, early):
+@pytest.mark.parametrize("min_len", [0, 1])
+def test_a_wide_beam_finds_the_best_of_every_possible_output(seed, alpha, early, min_len):
     vocab, max_tokens = 6, 5  # PAD, BOS, EOS + 3 ordinary tokens; up to 4 ordinary tokens then EOS
     model = _model(vocab, seed, d=8, spread=3.0)
     x = _sources(vocab, [3], seed)
-    everything = _enumerate(model, x, max_tokens, alpha)
-    assert len(everything) == sum(3**n for n in range(max_tokens)) == 121
+    everything = _enumerate(model, x, max_tokens, alpha, min_len)
+    assert len(everything) == sum(3**n for n in range(min_len, max_tokens)) == 121 - min_len
     # Wide enough that no prefix is ever dropped: K >= all outputs, so even early stopping (done at K
     # finished) has seen them all.
     cfg = DecodeConfig(
-        beam_size=len(everything), length_penalty=alpha, early_stop=early, max_len_a=0.0, max_len_b=max_tokens
+        beam_size=len(everything),
+        length_penalty=alpha,
+        early_stop=early,
+        max_len_a=0.0,
+        max_len_b=max_tokens,
+        min_len=min_len,
     )
     found = beam_search(model, x, BOS, EOS, cfg, nbest=10)[0]
     assert found[0].tokens == everything[0].tokens
@@ -171,11 +179,36 @@ def test_a_narrow_beam_is_not_exhaustive_but_never_beats_the_optimum():
     assert found.score <= best.score + 1e-12
 
 
+def test_min_len_forbids_an_empty_output_the_model_prefers():
+    """A model made to put EOS first: with min_len 0 both searches return the empty output, with the
+    default min_len 1 they never do."""
+    model = _model(8, 0, d=8)
+    step = model.decode_step
+
+    def eos_first(tokens, state):  # the model's step with EOS made 20 nats more likely
+        logp = step(tokens, state).clone()
+        logp[:, EOS] += 20
+        return logp.log_softmax(-1)
+
+    model.decode_step = eos_first
+    x = _sources(8, [4, 2], 0)
+    for min_len, empty in ((0, True), (1, False)):
+        cfg = DecodeConfig(beam_size=3, min_len=min_len)
+        greedy = greedy_search(model, x, BOS, EOS, cfg)
+        beam = [h[0] for h in beam_search(model, x, BOS, EOS, cfg)]
+        assert all((len(h.tokens) == 0) == empty for h in greedy + beam)
+
+
 def test_max_lengths_and_config_checks():
     src = torch.tensor([[5, 6, 7, 0], [5, 0, 0, 0]])
     cfg = DecodeConfig(max_len_a=1.5, max_len_b=1, max_len_cap=4)
     assert max_lengths(src, 0, cfg).tolist() == [4, 2]  # ⌊1.5·3 + 1⌋ = 5 capped at 4; ⌊1.5 + 1⌋ = 2
-    for bad in (dict(beam_size=0), dict(length_penalty=-1.0), dict(max_len_a=0.0, max_len_b=0)):
+    for bad in (
+        dict(beam_size=0),
+        dict(length_penalty=-1.0),
+        dict(max_len_a=0.0, max_len_b=0),
+        dict(min_len=-1),
+    ):
         with pytest.raises(ValueError):
             DecodeConfig(**bad)
 
