@@ -157,7 +157,10 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     else:
         from llmlab.fileio import atomic_write_text
 
-        atomic_write_text(args.output, text)
+        try:
+            atomic_write_text(args.output, text)
+        except OSError as err:
+            raise ConfigError(f"--output {args.output}: cannot write it ({err.strerror or err})") from err
         print(f"{len(out)} translations written to {args.output}", file=sys.stderr)
     return 0
 

@@ -94,7 +94,10 @@ def run(
     env = init_distributed(dev)
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.seed)
-    ctx = BuildContext(device=dev, dist=env, data_dir=Path(data_dir) if data_dir else None, run_dir=out)
+    # A resumed run reuses what its directory holds (e.g. tokenizer.json); a new one builds its own.
+    ctx = BuildContext(
+        device=dev, dist=env, data_dir=Path(data_dir) if data_dir else None, run_dir=out if resume else None
+    )
     exp = recipe.build(cfg, ctx)
     if env.enabled:
         # Same initial weights everywhere (DDP also broadcasts them); different dropout masks per process.

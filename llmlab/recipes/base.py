@@ -44,8 +44,8 @@ class BuildContext:
     device: torch.device
     dist: DistEnv = field(default_factory=DistEnv)
     data_dir: Path | None = None  # --data-dir; None: LLMLAB_DATA or ~/.cache/llmlab
-    # The run directory (training, resuming, `llmlab eval`): a recipe reuses artifacts it holds (e.g. its
-    # tokenizer.json) instead of rebuilding them, so a resumed or re-evaluated run sees the same ones.
+    # The directory of an existing run (resuming, `llmlab eval`; None for a new run): a recipe reuses the
+    # artifacts it holds (e.g. its tokenizer.json) instead of rebuilding them, so it sees the same ones.
     run_dir: Path | None = None
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+import torch
 
 from llmlab.cli import main
 from llmlab.runner import run
@@ -48,6 +49,27 @@ def test_smoke_run_records_greedy_and_beam_bleu_translations_and_a_report(smoke_
     metrics = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     val_bleu = [r["bleu"] for r in metrics if r["split"] == "val"]
     assert len(val_bleu) == 2 and val_bleu[-1] > val_bleu[0]  # the curve rises
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights_with_its_own_tokenizer(smoke_run, tmp_path):
+    from llmlab.train.callbacks import Callback
+    from llmlab.train.checkpoint import load_weights
+
+    class StopAt(Callback):  # what Ctrl-C at step 90 does: the last checkpoint (end of epoch 2) stays
+        def on_step_end(self, trainer, loss):
+            if trainer.step == 90:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run("multi30k-transformer", "smoke", out=out, device="cpu", callbacks=[StopAt()])
+    assert not (out / "model.safetensors").exists()
+    result = run("multi30k-transformer", "smoke", out=out, device="cpu", resume=True)
+    assert any("the run's tokenizer.json" in n for n in result["notes"])
+    a, b = load_weights(smoke_run / "model.safetensors"), load_weights(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    full = json.loads((smoke_run / "result.json").read_text())["metrics"]
+    assert result["metrics"]["test/bleu_beam"] == full["test/bleu_beam"]
 
 
 def test_eval_gives_greedy_and_beam_bleu_with_the_signature(smoke_run, capsys):
@@ -96,6 +118,12 @@ def test_translate_errors_are_clear(smoke_run, tmp_path, capsys):
     assert main(["translate", str(smoke_run), "--input", str(tmp_path / "bad.txt")]) == 2
     assert "not UTF-8" in capsys.readouterr().err
     assert main(["translate", str(smoke_run), "--input", str(tmp_path / "bad.txt"), "x"]) == 2
+    assert (
+        main(["translate", str(smoke_run), "--output", str(tmp_path / "no" / "such" / "dir.txt"), "x"]) == 2
+    )
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["translate", str(smoke_run), "--input", str(tmp_path)]) == 2  # a folder
+    assert "cannot read" in capsys.readouterr().err
     other = tmp_path / "mnist"
     other.mkdir()
     (other / "config.json").write_text(
@@ -173,8 +201,6 @@ def test_two_processes_take_the_same_token_weighted_steps_as_one(tmp_path):
     ~1e-6 after 60 Adam steps (Adam normalises tiny gradient differences up, hence atol 1e-4); a wrong
     weighting moves weights by > 1e-3 (checked by the guard below)."""
     import os
-
-    import torch
 
     from llmlab.train.checkpoint import load_weights
 

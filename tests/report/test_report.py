@@ -292,6 +292,31 @@ def test_report_has_headline_verdict_config_and_image(tmp_path):
     assert png[:8] == PNG_MAGIC and len(png) > 20_000
 
 
+def test_recipe_sections_come_after_the_results_in_name_order(tmp_path):
+    run = make_run(tmp_path, "r0")
+    (run / "sections").mkdir()
+    (run / "sections" / "20-second.md").write_text("## Second\n\nbody two\n")
+    (run / "sections" / "10-first.md").write_text("## First\n\nbody one\n")
+    (run / "sections" / "notes.txt").write_text("not markdown: ignored")
+    text = write_report(run).read_text()
+    assert (
+        text.index("## Results") < text.index("## First") < text.index("## Second") < text.index("## Curves")
+    )
+    assert "not markdown" not in text
+
+
+def test_heatmap_is_a_png_and_checks_its_labels(tmp_path):
+    import torch
+
+    from llmlab.report.heatmap import write_heatmap
+
+    weights = torch.softmax(torch.randn(3, 4), dim=-1)
+    path = write_heatmap(tmp_path / "a.png", weights, ["a", "b", "c", "</s>"], ["x", " ", "</s>"], title="t")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="rows"):
+        write_heatmap(tmp_path / "b.png", weights, ["a"], ["x"])
+
+
 def test_report_target_not_met(tmp_path):
     text = write_report(make_run(tmp_path, "r0", test_acc=0.9712)).read_text()
     assert "test accuracy 97.12% — target ≥98.00% not met ❌" in text
