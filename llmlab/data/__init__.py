@@ -17,6 +17,17 @@ from llmlab.data.cifar10 import (
 )
 from llmlab.data.digits import DIGITS, load_digits_splits
 from llmlab.data.imdb import IMDB, Imdb, Review, find_imdb, load_imdb, train_val_split
+from llmlab.data.lm_text import (
+    CHINESE_NOVELS,
+    CHINESE_POETRY,
+    TINYSHAKESPEARE,
+    TextCorpus,
+    WindowLoader,
+    bytes_per_token,
+    load_text,
+    split_tokens,
+    token_memmap,
+)
 from llmlab.data.mnist import MNIST, MNIST_MEAN, MNIST_STD, load_mnist, read_idx, write_idx
 from llmlab.data.store import (
     DATASETS,
@@ -55,6 +66,8 @@ __all__ = [
     "AG_NEWS_CLASSES",
     "AgNews",
     "BucketLoader",
+    "CHINESE_NOVELS",
+    "CHINESE_POETRY",
     "CIFAR10",
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
@@ -80,7 +93,11 @@ __all__ = [
     "MULTI30K",
     "ParallelCorpus",
     "Review",
+    "TINYSHAKESPEARE",
+    "TextCorpus",
     "Vocab",
+    "WindowLoader",
+    "bytes_per_token",
     "cache_dir",
     "clean_text",
     "data_root",
@@ -102,6 +119,7 @@ __all__ = [
     "load_mnist",
     "load_multi30k",
     "load_parallel",
+    "load_text",
     "locate_dataset",
     "normalize",
     "padding_fraction",
@@ -111,8 +129,10 @@ __all__ = [
     "random_hflip",
     "read_idx",
     "register_dataset",
+    "split_tokens",
     "stratified_carve",
     "synthetic_classification",
+    "token_memmap",
     "tokenize",
     "train_val_split",
     "truncate",

@@ -130,3 +130,39 @@ class Seq2SeqTask:
         if all(k in sums for k in STAT_KEYS):
             out["bleu"] = bleu_from_stats(sums)
         return out
+
+
+class CausalLMTask:
+    """Next-token prediction for a decoder-only language model (llmlab.models.gpt): a batch is (x [B, T],
+    y [B, T]) with y the next token of each position of x; the loss is the mean cross-entropy over all B·T
+    positions and the unit is tokens. Metrics: loss (nats per token), ppl, token_accuracy, and, given how
+    many characters a token holds on average, loss_per_char (nats per character): what compares runs with
+    different tokenizers (a token of a 50k BPE holds more text than a character of a char-level model)."""
+
+    unit = "tokens"
+
+    def __init__(self, chars_per_token: float | None = None) -> None:
+        self.chars_per_token = chars_per_token
+
+    def units(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int(batch[1].numel())
+
+    def step(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> StepOutput:
+        x, y = batch[0], batch[1]
+        logits = model(x)  # [B, T, V]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the softmax in fp32 under autocast
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        correct = logits.detach().argmax(dim=-1).eq(y).sum().float()
+        return StepOutput(loss=loss, n=y.numel(), sums={"correct": correct})
+
+    def metrics(self, loss_sum: float, n: float, sums: dict[str, float]) -> dict[str, float]:
+        loss = loss_sum / max(n, 1.0)
+        out = {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "token_accuracy": sums["correct"] / max(n, 1.0),
+        }
+        if self.chars_per_token:
+            out["loss_per_char"] = loss / self.chars_per_token
+        return out
