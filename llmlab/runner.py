@@ -50,7 +50,8 @@ def resolve_config(recipe_name: str, preset: str | None, overrides: Sequence[str
     return recipe, cfg, preset
 
 
-def _check_resume(out: Path, recipe_name: str, preset: str, cfg: Any) -> None:
+def _check_resume(out: Path, recipe: Any, preset: str, cfg: Any) -> None:
+    recipe_name = recipe.name
     stored_path = out / "config.json"
     if not stored_path.exists():
         raise RunConflictError(f"--resume: {out} is not a run directory (no config.json); nothing to resume")
@@ -60,7 +61,11 @@ def _check_resume(out: Path, recipe_name: str, preset: str, cfg: Any) -> None:
             f"--resume: {out} is a run of {stored.get('recipe')} --preset {stored.get('preset')}, "
             f"not {recipe_name} --preset {preset}"
         )
+    # A setting added to llmlab after the run was written is absent from its config.json: the run behaved as
+    # the preset's default does, so only an override that moves it from that default changes the run.
+    default = flatten(to_dict(recipe.config(preset)))
     old, new = flatten(stored["config"]), flatten(to_dict(cfg))
+    old = {**{k: default[k] for k in new.keys() - old.keys() if k in default}, **old}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -84,7 +89,7 @@ def run(
     recipe, cfg, preset = resolve_config(recipe_name, preset, overrides)  # ConfigError: nothing written
     out = Path(out) if out is not None else default_out_dir(recipe.name, preset)
     if resume:
-        _check_resume(out, recipe.name, preset, cfg)
+        _check_resume(out, recipe, preset, cfg)
     elif (out / "config.json").exists():
         raise RunConflictError(
             f"{out} already holds a run; continue it with --resume or choose another --out"

@@ -89,6 +89,22 @@ def test_resume_with_a_different_config_is_refused(smoke_run, capsys):
     assert "optim.lr: 0.05 -> 0.2" in capsys.readouterr().err
 
 
+def test_resume_of_a_run_written_before_a_setting_existed(smoke_run, tmp_path, capsys):
+    """A run's config.json lacks settings added to llmlab later: it ran as their default, so it resumes;
+    only an override that moves such a setting off the preset's default is a change."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(smoke_run, old)
+    stored = json.loads((old / "config.json").read_text())
+    del stored["config"]["train"]["grad_clip"]
+    (old / "config.json").write_text(json.dumps(stored))
+    args = ["run", "mnist-mlp", "--preset", "smoke", "--out", str(old), "--resume"]
+    assert main([*args, "train.grad_clip=123.0"]) == 2
+    assert "train.grad_clip" in capsys.readouterr().err
+    assert main(args) == 0
+
+
 def test_resume_of_a_finished_run_changes_nothing(smoke_run):
     from llmlab.train.checkpoint import load_weights
 

@@ -22,6 +22,7 @@ code but the data. The pipeline:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -69,12 +70,15 @@ class TranslationDataConfig:
     eval_limit: int | None = None  # evaluate on the first N val/test pairs only (the CI test)
     synthetic_train: int = 1200
     synthetic_eval: int = 100
+    # Every training batch holds a multiple of this many sentences; the plan uses lcm(row_multiple, processes ×
+    # grad_accum), so runs whose lcm agrees (e.g. row_multiple=8 on 1, 2, 4 or 8 processes) see the same batches.
+    row_multiple: int = 1
 
     def __post_init__(self) -> None:
         if self.vocab_size < 260:
             raise ValueError("vocab_size must be >= 260 (the 256 bytes and 4 special tokens)")
-        if self.max_len < 3 or self.min_frequency < 1:
-            raise ValueError("max_len must be >= 3 and min_frequency >= 1")
+        if self.max_len < 3 or self.min_frequency < 1 or self.row_multiple < 1:
+            raise ValueError("max_len must be >= 3, min_frequency >= 1 and row_multiple >= 1")
         for name in ("train_limit", "eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or none)")
@@ -370,7 +374,7 @@ class _TranslationRecipe(Recipe):
             raise ConfigError(f"data.max_len={cfg.data.max_len} leaves no training pair")
 
         d = ctx.dist
-        row_multiple = d.world_size * cfg.train.grad_accum
+        row_multiple = math.lcm(cfg.data.row_multiple, d.world_size * cfg.train.grad_accum)
         train_loader = TokenBatchLoader(
             train.src.to(ctx.device),
             train.tgt.to(ctx.device),

@@ -202,7 +202,8 @@ def save_weights(
         save_file(state, tmp, metadata=metadata)
 
 
-def load_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(path: Path | str, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"weights file {path} not found")
     try:
