@@ -70,8 +70,9 @@ class TranslationDataConfig:
     eval_limit: int | None = None  # evaluate on the first N val/test pairs only (the CI test)
     synthetic_train: int = 1200
     synthetic_eval: int = 100
-    # Every training batch holds a multiple of this many sentences; the plan uses lcm(row_multiple, processes ×
-    # grad_accum), so runs whose lcm agrees (e.g. row_multiple=8 on 1, 2, 4 or 8 processes) see the same batches.
+    # Every training batch holds a multiple of this many sentences; the plan uses lcm(row_multiple,
+    # processes × grad_accum), so runs whose lcm agrees (row_multiple=8 on 1, 2, 4 or 8 processes) see the
+    # same batches.
     row_multiple: int = 1
 
     def __post_init__(self) -> None:

@@ -251,7 +251,7 @@ def test_two_processes_take_the_same_token_weighted_steps_as_one(tmp_path):
 
     la, lb = train_losses(one), train_losses(two)
     assert len(la) == len(lb) == 30
-    assert max(abs(x - y) for x, y in zip(la, lb)) < 2e-5
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 2e-5
     a, b = load_weights(one / "model.safetensors"), load_weights(two / "model.safetensors")
     assert relative(a, b) < 3e-5
     # Guard: the comparison can fail: batches of half the tokens (what one process alone sees) end elsewhere.
