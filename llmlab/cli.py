@@ -1,4 +1,5 @@
-"""The `llmlab` command line: list, config, run, sweep, eval, report, data, predict, serve, translate, demo.
+"""The `llmlab` command line: list, config, run, sweep, eval, report, data, predict, serve, translate,
+generate, demo.
 
 Exit codes: 0 success; 1 a failure while running (missing data, divergence, corrupt checkpoint); 2 a bad
 command line or config (nothing was written).
@@ -165,6 +166,36 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Samples of a language-model run after each prompt, separated by rules (or JSON with --json)."""
+    from llmlab.nn.sampling import SampleConfig
+    from llmlab.recipes.gpt_lm import Generator
+
+    try:
+        cfg = SampleConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    generator = Generator.from_run(args.run_dir, device=args.device)
+    results = []
+    for i, prompt in enumerate(args.prompts):
+        texts = generator.sample(prompt, cfg, count=args.num_samples, seed=args.seed + i)
+        results.append({"prompt": prompt, "samples": texts})
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return 0
+    for r in results:
+        for text in r["samples"]:
+            print(r["prompt"] + text)
+            print("-" * 60)
+    return 0
+
+
 def _read_lines(source: str) -> list[str]:
     """Lines of a UTF-8 file (or stdin for "-"), without their line endings; no line is added or lost."""
     try:
@@ -313,6 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_translate)
 
     p = sub.add_parser(
+        "generate",
+        help="sample text from a trained language-model run (stage 6)",
+        description="Sample continuations of each PROMPT from a language-model run (e.g. shakespeare-gpt), "
+        "on a KV cache. --temperature 0 is greedy; top-k, top-p and the repetition penalty are applied as in "
+        "HF transformers' generate. The same --seed gives the same samples.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=200, help="tokens to add (past the context, the window slides)"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-samples", type=_positive_int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print [{prompt, samples}] as JSON")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
         "demo", help="train the stage-1 MLP end to end (MNIST if present, else bundled digits)"
     )
     p.add_argument("--out", type=Path, default=None)
@@ -328,9 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if "=" not in e or e.startswith("-")]
-    if hasattr(args, "texts"):  # `translate RUN --greedy "A man ..."`: texts after an option land in extra
-        args.texts = list(args.texts) + [e for e in extra if not e.startswith("-")]
-        extra = [e for e in extra if e.startswith("-")]
+    for name in (
+        "texts",
+        "prompts",
+    ):  # `translate RUN --greedy "A man ..."`: texts after an option land in extra
+        if hasattr(args, name):
+            setattr(args, name, list(getattr(args, name)) + [e for e in extra if not e.startswith("-")])
+            extra = [e for e in extra if e.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from llmlab.data.store import DataCorruptError, DataDownloadError, DataMissingError

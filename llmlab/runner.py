@@ -27,7 +27,8 @@ from llmlab.train.checkpoint import CheckpointError, latest_checkpoint, load_wei
 from llmlab.train.distributed import DistEnv, init_distributed, local_rank_from_env, resolve_device
 from llmlab.train.record import git_commit, hardware_info, now_iso, peak_memory, versions, write_json
 from llmlab.train.rng import seed_everything, set_deterministic
-from llmlab.train.trainer import NonFiniteLossError, Trainer, evaluate
+from llmlab.train.strategy import check_config
+from llmlab.train.trainer import NonFiniteLossError, Trainer, evaluate, resolve_precision
 
 
 class RunConflictError(ConfigError):
@@ -104,6 +105,8 @@ def run(
         device=dev, dist=env, data_dir=Path(data_dir) if data_dir else None, run_dir=out if resume else None
     )
     exp = recipe.build(cfg, ctx)
+    if isinstance(exp, Experiment):  # switches this model or launch cannot honour: before anything is written
+        check_config(cfg.train, exp.model, env, resolve_precision(cfg.train.precision, dev))
     if env.enabled:
         # Same initial weights everywhere (DDP also broadcasts them); different dropout masks per process.
         torch.manual_seed(cfg.seed + 1000 * env.rank)
@@ -250,6 +253,38 @@ def _fit_with_trainer(
     )
 
 
+def load_run_of_kind(run_dir: Path | str, recipe_cls: type, kind: str) -> tuple[Path, Any, Any]:
+    """(run_dir, recipe, config) of a run whose recipe is a `recipe_cls` (e.g. a translation model); anything
+    else is a RunDirError naming what it is."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    recipe, cfg, _ = load_run_config(run_dir)
+    if not isinstance(recipe, recipe_cls):
+        raise RunDirError(f"{run_dir} is a run of {recipe.name}, not {kind}")
+    return run_dir, recipe, cfg
+
+
+def load_run_weights(run_dir: Path, model: torch.nn.Module, map_location: str = "cpu") -> None:
+    """Load a run's final weights (model.safetensors, else its latest checkpoint) into `model`; a run with
+    neither, or weights of another shape, is a CheckpointError."""
+    from llmlab.train.checkpoint import load_checkpoint
+
+    weights = run_dir / "model.safetensors"
+    if weights.exists():
+        state = load_weights(weights, map_location=map_location)
+    else:
+        ckpts = run_dir / "checkpoints"
+        last = latest_checkpoint(ckpts) if ckpts.is_dir() else None
+        if last is None:
+            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint")
+        state, _ = load_checkpoint(last, map_location=map_location)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{run_dir}: the weights do not fit the run's model config: {err}") from err
+
+
 def load_run_config(run_dir: Path) -> tuple[Any, Any, str]:
     """(recipe, config dataclass, preset) stored in a run directory."""
     path = Path(run_dir) / "config.json"
@@ -295,17 +330,7 @@ def evaluate_run(
     loaders = {**exp.eval_loaders, **exp.final_loaders}
     if split not in loaders:
         raise ConfigError(f"split {split!r} not available; choose from {', '.join(loaders)}")
-    weights = run_dir / "model.safetensors"
-    if weights.exists():
-        state = load_weights(weights, map_location=str(dev))
-    else:
-        from llmlab.train.checkpoint import load_checkpoint
-
-        last = latest_checkpoint(run_dir / "checkpoints")
-        if last is None:
-            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint to evaluate")
-        state, _ = load_checkpoint(last, map_location=dev)
-    exp.model.to(dev).load_state_dict(state)
+    load_run_weights(run_dir, exp.model.to(dev), map_location=str(dev))
     metrics: dict[str, Any] = evaluate(exp.model, exp.task, loaders[split], dev)
     if exp.final_eval is not None:
         final = exp.final_eval(exp.model, [split], None)

@@ -4,11 +4,12 @@
 `load_text_tokenizer(path)` restores any kind from its file, so a run directory carries its tokenizer and a
 later process (evaluation, sampling, serving) decodes with exactly the same one. Four kinds:
 
-- "char" (`CharTokenizer`): one id per character, the sorted set of characters of the TRAINING text, as in
-  nanoGPT's shakespeare_char (Karpathy; data/shakespeare_char/prepare.py). nanoGPT builds it from the whole
-  text; here the caller passes the training split only, so nothing is learnt from validation text (the
-  vocabulary is part of the model). A character the vocabulary lacks is then a clear ValueError naming it,
-  never a silent id. On TinyShakespeare both ways give the same 65 characters (the first 90% holds them all).
+- "char" (`CharTokenizer`): one id per character, the sorted set of characters of the text it is trained on,
+  as in nanoGPT's shakespeare_char (Karpathy; data/shakespeare_char/prepare.py), which uses the whole text.
+  llmlab's LM recipe does the same (llmlab/recipes/gpt_lm.py says why: a vocabulary of the training part alone
+  has no id for a rare character first seen in validation). A character the vocabulary lacks (e.g. in a
+  prompt) is a clear ValueError naming it, never a silent id. On TinyShakespeare the first 90% already holds
+  all 65 characters.
 - "gpt2" (`Gpt2Tokenizer`): GPT-2's byte-level BPE (Radford et al. 2019), read from
   `tokenizers/gpt2/tokenizer.json` under the data root (the Hugging Face file): 50257 tokens, `<|endoftext|>`
   = 50256. As Hugging Face's GPT2TokenizerFast does, the text "<|endoftext|>" encodes to that one id (how

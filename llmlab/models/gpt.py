@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from llmlab.nn.attention import AttentionImpl, KVCache, MultiHeadAttention
 
@@ -42,7 +43,7 @@ __all__ = ["GPT", "GPTConfig", "GPT_PRESETS", "from_hf_state_dict", "load_hf", "
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # 0 in a recipe's config: set from its tokenizer when the model is built
     block_size: int = 1024  # the longest sequence (learned positions): HF n_positions
     n_layer: int = 12
     n_head: int = 12
@@ -55,8 +56,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
-            raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must be >= 1")
+        if min(self.block_size, self.n_layer, self.n_head, self.n_embd) < 1 or self.vocab_size < 0:
+            raise ValueError("block_size, n_layer, n_head and n_embd must be >= 1, vocab_size >= 0")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
 
@@ -114,10 +115,13 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("GPTConfig.vocab_size must be set (>= 1) to build a model")
         self.cfg = cfg
         self.transformer = _Body(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: logits = h Eᵀ
+        self.activation_checkpointing = False  # see set_activation_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -147,8 +151,24 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # [B, T, d]
         x = F.dropout(x, self.cfg.dropout, self.training)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, caches[i] if caches else None)  # [B, T, d]
+            if self.activation_checkpointing and caches is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # [B, T, d]; inner activations recomputed
+            else:
+                x = block(x, caches[i] if caches else None)  # [B, T, d]
         return self.lm_head(self.transformer.ln_f(x))  # [B, T, V]
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing per block (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+        Cost"): backward keeps only each block's input [B, T, d] and re-runs the block's forward to get the
+        rest, trading one extra forward pass for the ~(34·d + 5·h·T)·B·T bytes a block saves otherwise
+        (Korthikanti et al. 2022, fp16 accounting). Non-reentrant `torch.utils.checkpoint`, whose saved RNG
+        state makes dropout masks identical in the recomputation, so gradients are unchanged."""
+        self.activation_checkpointing = enabled
+
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks ZeRO-3 / FSDP gather one at a time (the rest, embeddings, final norm and head, is the
+        root)."""
+        return list(self.transformer.h)
 
     def set_attention_impl(self, impl: AttentionImpl) -> None:
         for block in self.transformer.h:

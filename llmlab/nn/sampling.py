@@ -16,7 +16,10 @@ the Temperature, TopK and TopP warpers, then multinomial), so with the same weig
 state the same tokens come out — tests/nn/test_sampling.py checks greedy and sampled runs against HF.
 
 With the KV cache (`use_cache=True`) the prompt is run once and each new token costs one position; without
-it the whole sequence is re-run every step (the reference the tests compare the cache against).
+it the whole sequence is re-run every step (the reference the tests compare the cache against). A model with
+learned positions sees at most `block_size` tokens: once the text is longer, each step re-runs the last
+`block_size` tokens without the cache (nanoGPT's sliding window; a cached key keeps the position it was
+computed at, so the cache cannot slide), and a longer prompt keeps only its last `block_size` tokens.
 """
 
 from __future__ import annotations
@@ -81,18 +84,14 @@ def generate(
     use_cache: bool = True,
 ) -> Tensor:
     """idx [B, T] prompt ids (every row the same length) -> [B, T + n] with n <= max_new_tokens new tokens
-    (fewer when every row has produced `eos_id`). Sampling draws from `generator`, else torch's global RNG."""
+    (fewer when every row has produced `eos_id`); any length (see the sliding window in the module docstring).
+    Sampling draws from `generator`, else torch's global RNG."""
     block = model.cfg.block_size
-    if idx.shape[1] + cfg.max_new_tokens > block:
-        raise ValueError(
-            f"prompt of {idx.shape[1]} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
-            f"block_size={block}"
-        )
     was_training = model.training
     model.eval()
     try:
-        caches = model.new_caches() if use_cache else None
-        logits = model(idx, caches)[:, -1]  # [B, V]
+        caches = model.new_caches() if use_cache and idx.shape[1] <= block else None
+        logits = model(idx[:, -block:], caches)[:, -1]  # [B, V]
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(cfg.max_new_tokens):
             z = process_logits(logits, idx, cfg)
@@ -106,7 +105,11 @@ def generate(
             idx = torch.cat([idx, nxt[:, None]], dim=1)  # [B, t + 1]
             if cfg.eos_id is not None and bool(done.all()):
                 break
-            logits = (model(nxt[:, None], caches) if use_cache else model(idx))[:, -1]  # [B, V]
+            if caches is not None and idx.shape[1] <= block:  # the newest token still has a position
+                logits = model(nxt[:, None], caches)[:, -1]  # [B, V]
+            else:  # the context is full: the last block_size tokens, re-run
+                caches = None
+                logits = model(idx[:, -block:])[:, -1]  # [B, V]
     finally:
         model.train(was_training)
     return idx

@@ -8,6 +8,7 @@ from llmlab.config import ConfigError
 from llmlab.recipes.agnews_bert import AgNewsBert
 from llmlab.recipes.base import BuildContext, Experiment, Recipe, Target
 from llmlab.recipes.cifar10_resnet import Cifar10ResNet18, Cifar10ResNet20
+from llmlab.recipes.gpt_lm import ShakespeareGPT
 from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
 from llmlab.recipes.mnist_mlp import MnistMLP
 from llmlab.recipes.translation import IwsltTransformer, Multi30kTransformer
@@ -23,6 +24,7 @@ RECIPES: dict[str, Recipe] = {
         AgNewsBert(),
         Multi30kTransformer(),
         IwsltTransformer(),
+        ShakespeareGPT(),
     )
 }
 

@@ -603,30 +603,12 @@ class Translator:
 
     @classmethod
     def from_run(cls, run_dir: Path | str, device: str = "cpu") -> Translator:
-        from llmlab.report import RunDirError
-        from llmlab.runner import load_run_config
-        from llmlab.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
+        from llmlab.runner import load_run_of_kind, load_run_weights
 
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise RunDirError(f"{run_dir}: no such run directory")
-        recipe, cfg, _ = load_run_config(run_dir)
-        if not isinstance(recipe, _TranslationRecipe):
-            raise RunDirError(f"{run_dir} is a run of {recipe.name}, not a translation model")
+        run_dir, _, cfg = load_run_of_kind(run_dir, _TranslationRecipe, "a translation model")
         tok = load_tokenizer(run_dir / "tokenizer.json")
         model = build_transformer(cfg.model, tok.get_vocab_size(), PAD_ID)
-        weights = run_dir / "model.safetensors"
-        if weights.exists():
-            state = load_weights(weights)
-        else:
-            last = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
-            if last is None:
-                raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint")
-            state, _ = load_checkpoint(last)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise CheckpointError(f"{run_dir}: the weights do not fit the run's model config: {err}") from err
+        load_run_weights(run_dir, model)
         return cls(model.to(device).eval(), tok, cfg, run_dir)
 
     def translate(self, texts: list[str], beam_size: int | None = None, greedy: bool = False) -> list[str]:

@@ -34,6 +34,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN autotuning
     compile: bool = False  # torch.compile the training forward (checkpoints keep the plain module's names)
+    # Recompute each block's activations in backward instead of storing them (models that support it: GPT)
+    activation_checkpointing: bool = False
+    # How processes share the work (llmlab/train/strategy.py): ddp, or our ZeRO stage 1/2/3
+    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:

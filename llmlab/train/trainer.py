@@ -3,9 +3,9 @@
 One explicit step: split the global batch into micro-batches, forward under autocast, backward (or the
 model's own hand-written backward), average gradients across processes, clip, check the loss is finite, step
 the optimizer and the LR schedule. Around it: evaluation every N steps and at the end, checkpoints that
-resume bit for bit, and a handful of callback events for logging. Techniques (LoRA, ZeRO, tensor parallelism,
-activation checkpointing) are applied to the model or optimizer before the Trainer sees them; they are not
-Trainer flags. Reference points: nanoGPT's train.py loop, PyTorch's AMP and DDP recipes.
+resume bit for bit, and a handful of callback events for logging. How processes share the work is a strategy
+(llmlab/train/strategy.py: DDP or our ZeRO 1/2/3) chosen by `train.strategy`; activation checkpointing is a
+switch the model implements. Reference points: nanoGPT's train.py loop, PyTorch's AMP and DDP recipes.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from llmlab.train import checkpoint as ckpt
 from llmlab.train.callbacks import Callback
 from llmlab.train.config import ScheduleConfig, TrainConfig
-from llmlab.train.distributed import DistEnv, all_reduce_sum_, average_gradients_
+from llmlab.train.distributed import DistEnv, all_reduce_sum_
 from llmlab.train.optim import build_scheduler
 from llmlab.train.rng import get_rng_state, set_rng_state
+from llmlab.train.strategy import DataParallelStrategy, check_config, make_strategy
 from llmlab.train.tasks import StepOutput
 
 
@@ -97,6 +97,8 @@ def evaluate(
         batch = to_device(batch, device)
         with autocast():
             out = task.step(model, batch)
+        if out.n == 0:  # this process's share of a last, small batch can be empty (its mean is NaN)
+            continue
         loss_sum += out.loss.double() * out.n
         n += out.n
         for k, v in out.sums.items():
@@ -139,16 +141,14 @@ class Trainer:
         # Stage 1's hand-derived MLP fills .grad itself; everything else goes through autograd.
         self.manual = bool(getattr(model, "computes_own_gradients", False))
         self.precision = resolve_precision(cfg.precision, self.device)
-        if self.manual and self.precision != "fp32":
-            raise ValueError(
-                f"{type(model).__name__} computes its own gradients in fp32; set train.precision=fp32"
-            )
-        if self.dist.enabled and not self.manual:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model: nn.Module = DistributedDataParallel(self.raw_model, device_ids=ids)
-        else:
-            self.model = self.raw_model
-        self._ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        check_config(cfg, self.raw_model, self.dist, self.precision)
+        if cfg.activation_checkpointing:
+            self.raw_model.set_activation_checkpointing(True)
+        self.strategy = make_strategy(
+            cfg.strategy, self.raw_model, optimizer, self.dist, self.device, self.manual
+        )
+        self.model: nn.Module = self.strategy.model
+        optimizer = self.strategy.optimizer  # ZeRO: the optimizer over this rank's chunks
         if cfg.compile:
             if self.manual:
                 raise ValueError(
@@ -222,7 +222,7 @@ class Trainer:
             total = all_reduce_sum_(
                 torch.tensor(total, device=self.device, dtype=torch.float64), self.dist
             ).item()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.zero_grad()
         loss_sum = torch.zeros((), device=self.device)
         n, sums = 0, {}
         for i, micro in enumerate(micro_batches):
@@ -231,8 +231,7 @@ class Trainer:
             # with variable-length targets, whose micro-batches and processes hold different token counts.
             scale = units[i] * self.dist.world_size / max(total, 1.0)
             last = i == len(micro_batches) - 1
-            no_sync = self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
-            with no_sync:
+            with self.strategy.no_sync(last):
                 if self.manual:
                     with torch.no_grad():
                         out = self.task.manual_step(self.raw_model, micro, scale)
@@ -244,8 +243,7 @@ class Trainer:
             n += out.n
             for k, v in out.sums.items():
                 sums[k] = sums.get(k, 0) + v.detach()
-        if self.manual:
-            average_gradients_([p for p in self.raw_model.parameters()], self.dist)
+        self.strategy.after_backward()
 
         # The global mean loss; every process sees the same value, so all stop together on NaN.
         totals = all_reduce_sum_(
@@ -258,9 +256,9 @@ class Trainer:
         grad_norm = None
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip).item()
+            grad_norm = self.strategy.clip_grad_norm(self.cfg.grad_clip)
         self.last_lr = self.lr()  # the rate this step used (the scheduler moves on below)
-        self.scaler.step(self.optimizer)
+        self.strategy.step(self.scaler)
         self.scaler.update()
         self.scheduler.step()
 
@@ -310,6 +308,8 @@ class Trainer:
         }
         if "grad_norm" in iv:
             record["grad_norm"] = iv["grad_norm"]
+        if self.scaler.is_enabled():  # fp16: the dynamic loss scale (halved on overflow, doubled when stable)
+            record["loss_scale"] = self.scaler.get_scale()
         self._emit("on_log", record)
 
     # ----------------------------------------------------------------- evaluation
@@ -342,7 +342,7 @@ class Trainer:
                 "total_steps": self.total_steps,
                 "world_size": self.dist.world_size,
             },
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": get_rng_state(),
@@ -363,8 +363,9 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_dir is None:
             return None
-        for name, p in self.raw_model.named_parameters():
-            if not torch.isfinite(p).all():
+        weights = self.strategy.model_state_dict()  # ZeRO: every process takes part in the gather
+        for name, p in weights.items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
                 raise NonFiniteLossError(self._nonfinite_message(f"parameter {name} is not finite"))
         state = self.state()  # every process takes part in the RNG gather
         self._last_ckpt_step = self.step
@@ -373,7 +374,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.checkpoint_dir,
                 self.step,
-                self.raw_model.state_dict(),
+                weights,
                 state,
                 keep=self.cfg.keep_checkpoints,
             )
@@ -382,11 +383,21 @@ class Trainer:
             dist.barrier()
         return path
 
+    def load_model_state(self, model_state: dict[str, torch.Tensor]) -> None:
+        if isinstance(self.strategy, DataParallelStrategy):
+            self.raw_model.load_state_dict(model_state)
+        else:
+            self.strategy.zero.load_full_state_dict(model_state)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full weights (under ZeRO every process must call this: it gathers)."""
+        return self.strategy.model_state_dict()
+
     def restore(self, path: Path) -> None:
         model_state, state = ckpt.load_checkpoint(path, map_location=self.device)
         try:
-            self.raw_model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.load_model_state(model_state)
+            self.strategy.load_optimizer_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as err:
@@ -434,6 +445,7 @@ class Trainer:
             self._run_evals(self.final_loaders)  # the test set: once, at the end
             if self.cfg.checkpoint_every >= 0 and self._last_ckpt_step != self.step:
                 self.save_checkpoint()  # so that --resume of a finished run has nothing left to do
+            self.strategy.finish()  # the raw model whole again (ZeRO-3), for decoding and saving
         finally:
             self._emit("on_train_end")
         return dict(self.final_metrics)

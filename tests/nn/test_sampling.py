@@ -86,8 +86,11 @@ def test_eos_stops_rows_and_limits_are_checked():
     eos = int(generate(model, PROMPT, SampleConfig(max_new_tokens=1, temperature=0))[0, -1])  # row 0's first
     out = generate(model, PROMPT, SampleConfig(max_new_tokens=10, temperature=0, eos_id=eos))
     assert out[0, 5] == eos and (out[0, 5:] == eos).all()  # a finished row only repeats EOS
-    with pytest.raises(ValueError, match="block_size"):
-        generate(model, PROMPT, SampleConfig(max_new_tokens=44))
+    # Past the context (block 48): the window slides, the same with and without the cache.
+    long = SampleConfig(max_new_tokens=60, temperature=0.7)
+    a = generate(model, PROMPT, long, generator=torch.Generator().manual_seed(1))
+    b = generate(model, PROMPT, long, generator=torch.Generator().manual_seed(1), use_cache=False)
+    assert a.shape == (2, 65) and torch.equal(a, b)
     for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
             SampleConfig(**bad)

@@ -1,0 +1,1 @@
+"""Parallelism written from scratch over torch.distributed: ZeRO data parallelism (stage 6)."""

@@ -1,0 +1,299 @@
+"""Stage 6 recipes: a GPT-2 language model (llmlab/models/gpt.py) trained on text.
+
+`shakespeare-gpt` is nanoGPT's character-level TinyShakespeare (Karpathy's shakespeare_char), whose CPU
+configuration is the anchor: 4 layers, 4 heads, 128 dimensions, 64-character context, batches of 12
+windows, 2,000 steps, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4, betas (0.9, 0.99),
+weight decay 0.1, gradient clipping at 1, no dropout — nanoGPT reaches val loss ≈ 1.88 there.
+
+The pipeline (llmlab/data/lm_text.py, lm_tokenizers.py): the text is split by characters (the last
+`data.val_fraction` is validation, contiguous, so no window straddles the two), a tokenizer is built (char:
+the text's characters; byte-level BPE: merges learnt on the training part) or read from the data root
+(GPT-2's BPE, bert-base-chinese), both parts are tokenised once into a cached memmap, training batches are
+random windows, and validation covers its split with consecutive windows (every token predicted once, so
+the figure is deterministic). The run record carries the tokenizer (tokenizer.json), tokens and characters per
+token of each split, and the val loss per character (what compares tokenizers). The report shows samples of
+the trained model; `llmlab generate RUN_DIR "prompt"` samples more (see `Generator`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from llmlab.config import ConfigError
+from llmlab.models.gpt import GPT, GPTConfig
+from llmlab.nn.sampling import SampleConfig, generate
+from llmlab.recipes.base import BuildContext, Experiment, FinalEvaluation, Recipe, Target
+from llmlab.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from llmlab.train.optim import build_optimizer
+from llmlab.train.tasks import CausalLMTask
+
+SAMPLES_FILE = "sections/samples.md"
+
+
+@dataclass
+class LMDataConfig:
+    corpus: str = "tinyshakespeare"  # a name of llmlab.data.lm_text (TEXT_NAMES), a path, or "synthetic"
+    tokenizer: Literal["char", "gpt2", "bert-chinese", "bpe"] = "char"
+    bpe_vocab_size: int = 4096  # tokenizer=bpe
+    val_fraction: float = 0.1
+    steps_per_epoch: int | None = None  # training windows per "epoch": default about one pass over the tokens
+    eval_batches: int | None = None  # validation batches per evaluation; None: the whole split
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+        if self.bpe_vocab_size < 260:
+            raise ValueError("bpe_vocab_size must be >= 260")
+
+
+@dataclass
+class LMSampleConfig:
+    """What the report shows: `count` samples of `max_new_tokens` after `prompt`."""
+
+    count: int = 2
+    prompt: str = "\n"
+    max_new_tokens: int = 300
+    temperature: float = 0.8
+    top_k: int | None = 200
+
+
+@dataclass
+class LMConfig:
+    seed: int = 0
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=0))  # vocab_size 0: the tokenizer's
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    samples: LMSampleConfig = field(default_factory=LMSampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+# ------------------------------------------------------------------------------------------------- presets
+def _nanogpt_cpu() -> LMConfig:
+    """nanoGPT's shakespeare_char on a CPU (README: `--device=cpu --compile=False --eval_iters=20
+    --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+    --lr_decay_iters=2000 --dropout=0.0`), the rest from its config/train_shakespeare_char.py."""
+    return LMConfig(
+        model=GPTConfig(vocab_size=0, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        train=TrainConfig(
+            batch_size=12,
+            max_steps=2000,
+            eval_every=250,
+            log_every=50,
+            checkpoint_every=500,
+            precision="fp32",
+            grad_clip=1.0,
+        ),
+        optim=OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1),
+        schedule=ScheduleConfig(name="cosine", warmup_steps=100, min_lr_ratio=0.1),
+    )
+
+
+def _smoke() -> LMConfig:
+    cfg = _nanogpt_cpu()
+    cfg.model = GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    cfg.data = LMDataConfig(corpus="synthetic", steps_per_epoch=50)
+    cfg.train = TrainConfig(batch_size=16, max_steps=150, eval_every=50, log_every=10, precision="fp32")
+    cfg.optim = OptimConfig(name="adamw", lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    cfg.schedule = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    cfg.samples = LMSampleConfig(count=1, max_new_tokens=60)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------- data
+_SYNTH_WORDS = "the king and queen of a castle spoke to their people under green hills".split()
+
+
+def _synthetic_text(chars: int = 60_000) -> str:
+    """Sentences drawn from a 14-word vocabulary with a fixed grammar-ish order: learnable in seconds."""
+    rng = random.Random(1234)
+    out, n = [], 0
+    while n < chars:
+        words = [rng.choice(_SYNTH_WORDS) for _ in range(rng.randint(4, 9))]
+        line = " ".join(words).capitalize() + ".\n"
+        out.append(line)
+        n += len(line)
+    return "".join(out)
+
+
+@dataclass
+class LMData:
+    train_tokens: Any  # 1-D token ids (memmap)
+    val_tokens: Any
+    tokenizer: Any
+    description: str
+    notes: list[str]
+    chars_per_token: float
+
+
+def load_lm_data(cfg: LMDataConfig, ctx: BuildContext) -> LMData:
+    from llmlab.data.lm_text import load_text, split_tokens, token_memmap
+    from llmlab.data.lm_tokenizers import build_tokenizer, load_text_tokenizer
+    from llmlab.data.store import cache_dir, data_root
+
+    if cfg.corpus == "synthetic":
+        text, source, notes = _synthetic_text(), "synthetic sentences", []
+    else:
+        try:
+            corpus = load_text(cfg.corpus, data_root(ctx.data_dir))
+        except ValueError as err:
+            if type(err) is not ValueError:
+                raise
+            raise ConfigError(f"data.corpus: {err}") from err
+        text, source, notes = corpus.text, corpus.source, list(corpus.notes)
+    train_text, val_text = split_tokens(text, cfg.val_fraction)
+    saved = ctx.run_dir / "tokenizer.json" if ctx.run_dir is not None else None
+    if saved is not None and saved.is_file():
+        tok = load_text_tokenizer(saved)
+    else:
+        # The char vocabulary is the whole text's set of characters, as nanoGPT's: one built on the training
+        # part alone has no id for a rare character that first appears in validation (the Chinese novels have
+        # hundreds), and the set reveals nothing the model is scored on. BPE merges are learnt on train only.
+        basis = text if cfg.tokenizer == "char" else train_text
+        tok = build_tokenizer(
+            cfg.tokenizer, basis, vocab_size=cfg.bpe_vocab_size, root=data_root(ctx.data_dir),
+            cache=cache_dir() / "lm-bpe",
+        )  # fmt: skip
+    try:
+        train, val = token_memmap(train_text, tok), token_memmap(val_text, tok)
+    except ValueError as err:  # e.g. a character the char vocabulary (built on train) does not have
+        raise ConfigError(f"data: {err}") from err
+    cpt = {"train": len(train_text) / max(len(train), 1), "val": len(val_text) / max(len(val), 1)}
+    notes.insert(
+        0,
+        f"Tokenizer {tok.name} ({tok.vocab_size:,} entries; saved as tokenizer.json): {len(train):,} train "
+        f"and {len(val):,} val tokens, {cpt['train']:.2f} / {cpt['val']:.2f} characters per token (val is "
+        f"the last {cfg.val_fraction:.0%} of the text).",
+    )
+    description = f"{cfg.corpus} ({len(text):,} characters from {source})"
+    return LMData(train, val, tok, description, notes, cpt["val"])
+
+
+# ------------------------------------------------------------------------------------------------- recipe
+class _LMRecipe(Recipe):
+    config_cls = LMConfig
+
+    def build(self, cfg: LMConfig, ctx: BuildContext) -> Experiment:
+        from llmlab.data.lm_text import WindowLoader
+
+        data = load_lm_data(cfg.data, ctx)
+        if cfg.model.vocab_size not in (0, data.tokenizer.vocab_size):
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} but the {data.tokenizer.name} tokenizer has "
+                f"{data.tokenizer.vocab_size:,} entries: leave it 0 (the tokenizer's)"
+            )
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+        model = GPT(model_cfg)
+        d, block = ctx.dist, model_cfg.block_size
+        train = WindowLoader(
+            data.train_tokens, block, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+            steps_per_epoch=cfg.data.steps_per_epoch, rank=d.rank, world_size=d.world_size, device=ctx.device,
+        )  # fmt: skip
+        val = WindowLoader(
+            data.val_tokens, block, cfg.train.eval_batch_size or cfg.train.batch_size, shuffle=False,
+            steps_per_epoch=cfg.data.eval_batches, rank=d.rank, world_size=d.world_size, device=ctx.device,
+        )  # fmt: skip
+        notes = [
+            *data.notes,
+            f"GPT-2 architecture: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} "
+            f"dimensions, context {block} tokens; batches of {cfg.train.batch_size} random windows "
+            f"({cfg.train.batch_size * block:,} tokens); validation: {len(val)} batches of consecutive "
+            "windows.",
+        ]
+        tok = data.tokenizer
+        return Experiment(
+            model=model,
+            task=CausalLMTask(chars_per_token=data.chars_per_token),
+            optimizer=build_optimizer(model, cfg.optim),
+            train_loader=train,
+            eval_loaders={"val": val},
+            final_loaders={},
+            data_description=data.description,
+            notes=notes,
+            artifacts={"tokenizer.json": lambda path: tok.save(path)},
+            final_eval=SampleSection(tok, cfg),
+        )
+
+
+class ShakespeareGPT(_LMRecipe):
+    name = "shakespeare-gpt"
+    dataset = "tinyshakespeare"
+    description = "Stage 6: character-level GPT on TinyShakespeare (nanoGPT's shakespeare_char)"
+    presets = {"cpu": _nanogpt_cpu, "smoke": _smoke}
+    default_preset = "cpu"
+    preset_help = {
+        "cpu": "nanoGPT's CPU configuration: 4 layers, 128 dims, context 64, 2,000 steps (val loss <= 1.89)",
+        "smoke": "synthetic sentences, a tiny model, seconds (the test suite)",
+    }
+    targets = {
+        "cpu": Target("val/loss", 1.89, higher_is_better=False),
+        "smoke": Target("val/loss", 1.5, False),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- samples
+def _sample_cfg(s: LMSampleConfig, eos: int | None = None) -> SampleConfig:
+    return SampleConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, eos_id=eos)
+
+
+class SampleSection:
+    """`Experiment.final_eval`: a few samples of the trained model, as a report section."""
+
+    def __init__(self, tok: Any, cfg: LMConfig) -> None:
+        self.tok, self.cfg = tok, cfg
+
+    def __call__(self, model: nn.Module, splits: list[str], run_dir: Path | None) -> FinalEvaluation:
+        s = self.cfg.samples
+        if run_dir is None or s.count == 0:
+            return FinalEvaluation({})
+        gen = Generator(model, self.tok)
+        texts = gen.sample(s.prompt, _sample_cfg(s), count=s.count, seed=self.cfg.seed)
+        from llmlab.fileio import atomic_write_text
+
+        body = "\n\n".join(f"```text\n{s.prompt}{t}\n```" for t in texts)
+        (run_dir / "sections").mkdir(exist_ok=True)
+        atomic_write_text(
+            run_dir / SAMPLES_FILE,
+            f"## Samples\n\n{s.count} samples of {s.max_new_tokens} tokens after the prompt {s.prompt!r}, "
+            f"temperature {s.temperature:g}, top-k {s.top_k} (seed {self.cfg.seed}):\n\n{body}\n",
+        )
+        return FinalEvaluation({})
+
+
+class Generator:
+    """A trained language model and its tokenizer, ready to sample (`llmlab generate`)."""
+
+    def __init__(self, model: GPT, tok: Any) -> None:
+        self.model, self.tok = model, tok
+
+    @classmethod
+    def from_run(cls, run_dir: Path | str, device: str = "cpu") -> Generator:
+        from llmlab.data.lm_tokenizers import load_text_tokenizer
+        from llmlab.runner import load_run_of_kind, load_run_weights
+
+        run_dir, _, cfg = load_run_of_kind(run_dir, _LMRecipe, "a language model")
+        tok = load_text_tokenizer(run_dir / "tokenizer.json")
+        model = GPT(dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
+        load_run_weights(run_dir, model)
+        return cls(model.to(device).eval(), tok)
+
+    def sample(self, prompt: str, cfg: SampleConfig, count: int = 1, seed: int = 0) -> list[str]:
+        """`count` continuations of `prompt` (the new text only)."""
+        try:
+            ids = self.tok.encode(prompt)
+        except ValueError as err:
+            raise ConfigError(f"prompt: {err}") from err
+        if not ids:
+            raise ConfigError("the prompt is empty after tokenisation: give at least one character")
+        device = next(self.model.parameters()).device
+        idx = torch.tensor([ids] * count, device=device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        out = generate(self.model, idx, cfg, generator=g)
+        return [self.tok.decode(row[len(ids) :].tolist()) for row in out]
