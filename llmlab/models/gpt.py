@@ -30,6 +30,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ class GPTConfig:
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     layer_norm_epsilon: float = 1e-5
     attention: AttentionImpl = "fused"
+    # GPT-2's "gelu_new" (the tanh approximation) or "gelu" (exact erf, as nanoGPT's nn.GELU); HF reads both
+    activation: Literal["gelu_new", "gelu"] = "gelu_new"
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -60,6 +63,8 @@ class GPTConfig:
             raise ValueError("block_size, n_layer, n_head and n_embd must be >= 1, vocab_size >= 0")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if self.activation not in ("gelu_new", "gelu"):
+            raise ValueError(f"activation={self.activation!r}: gelu_new or gelu")
 
 
 GPT_PRESETS: dict[str, GPTConfig] = {
@@ -76,9 +81,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
+        self.approximate = "tanh" if cfg.activation == "gelu_new" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(self.c_fc(x), approximate="tanh")  # [B, T, 4d]: GPT-2's "gelu_new"
+        h = F.gelu(self.c_fc(x), approximate=self.approximate)  # [B, T, 4d]
         return F.dropout(self.c_proj(h), self.dropout, self.training)  # [B, T, d]
 
 
@@ -257,7 +263,7 @@ def hf_config(cfg: GPTConfig) -> dict:
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": cfg.activation,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
@@ -276,8 +282,13 @@ def config_from_hf(config: dict) -> GPTConfig:
         raise ValueError(f"not a GPT-2 config (model_type={config.get('model_type')!r})")
     if config.get("n_inner") not in (None, 4 * config["n_embd"]):
         raise ValueError(f"n_inner={config['n_inner']}: only 4 × n_embd is supported")
-    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation_function={config['activation_function']!r}: only gelu_new is supported")
+    activation = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}.get(
+        config.get("activation_function", "gelu_new")
+    )
+    if activation is None:
+        raise ValueError(
+            f"activation_function={config['activation_function']!r}: gelu_new, gelu_pytorch_tanh or gelu"
+        )
     if config.get("scale_attn_by_inverse_layer_idx") or not config.get("scale_attn_weights", True):
         raise ValueError("only the standard 1/√d_head attention scale is supported")
     return GPTConfig(
@@ -288,6 +299,7 @@ def config_from_hf(config: dict) -> GPTConfig:
         n_embd=config["n_embd"],
         dropout=float(config.get("resid_pdrop", 0.0)),
         layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
+        activation=activation,
     )
 
 
