@@ -52,6 +52,7 @@ from llmlab.data.store import (
     FileSpec,
     cache_dir,
     data_root_source,
+    decode_utf8,
     find_file,
     locate_dataset,
     open_maybe_gzip,
@@ -183,16 +184,11 @@ class TextCorpus:
 
 
 def _decode(data: bytes, where: str | Path) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataCorruptError(
-            f"{where}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}). Convert it to UTF-8 (e.g. "
-            "`iconv -f GB18030 -t UTF-8`), or replace it with an official copy.",
-            path=where,
-        ) from e
-    return text[1:] if text.startswith("\ufeff") else text
+    return decode_utf8(
+        data,
+        where,
+        "Convert it to UTF-8 (e.g. `iconv -f GB18030 -t UTF-8`), or replace it with an official copy.",
+    )
 
 
 def read_text_file(path: str | Path) -> str:

@@ -276,6 +276,19 @@ class DataCorruptError(ValueError):
         )
 
 
+def decode_utf8(data: bytes, where: str | Path, advice: str) -> str:
+    """`data` as UTF-8 text without a leading BOM; otherwise a DataCorruptError naming the file, line and
+    byte, followed by `advice` (what the reader of this kind of file should do)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataCorruptError(
+            f"{where}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}). {advice}", path=where
+        ) from e
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 class DataDownloadError(RuntimeError):
     """A download could not be done (no mirror answered correctly, or the data root is not writable)."""
 

@@ -77,6 +77,7 @@ from llmlab.data.store import (
     FileSpec,
     FileStatus,
     data_root_source,
+    decode_utf8,
     file_status,
     find_file,
     open_maybe_gzip,
@@ -156,16 +157,12 @@ def _check_pair(dataset: str, src_lang: str, tgt_lang: str) -> None:
 
 
 def _decode(data: bytes, where: str) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataCorruptError(
-            f"{where}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}). The file is damaged or not "
-            "the official one; replace it with an official copy (`llmlab data status` shows what is found).",
-            path=where,
-        ) from e
-    return text[1:] if text.startswith("\ufeff") else text
+    return decode_utf8(
+        data,
+        where,
+        "The file is damaged or not the official one; replace it with an official copy (`llmlab data "
+        "status` shows what is found).",
+    )
 
 
 def split_lines(text: str) -> list[str]:
