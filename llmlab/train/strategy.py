@@ -105,6 +105,9 @@ class DataParallelStrategy:
     def optimizer_state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.raw_model.load_state_dict(state)
+
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
 
@@ -160,6 +163,9 @@ class ZeroStrategy:
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         return self.zero.full_optimizer_state_dict()
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.zero.load_full_state_dict(state)
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         self.zero.load_full_optimizer_state_dict(state)

@@ -27,7 +27,7 @@ from llmlab.train.config import ScheduleConfig, TrainConfig
 from llmlab.train.distributed import DistEnv, all_reduce_sum_
 from llmlab.train.optim import build_scheduler
 from llmlab.train.rng import get_rng_state, set_rng_state
-from llmlab.train.strategy import DataParallelStrategy, check_config, make_strategy
+from llmlab.train.strategy import check_config, make_strategy
 from llmlab.train.tasks import StepOutput
 
 
@@ -383,12 +383,6 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load_model_state(self, model_state: dict[str, torch.Tensor]) -> None:
-        if isinstance(self.strategy, DataParallelStrategy):
-            self.raw_model.load_state_dict(model_state)
-        else:
-            self.strategy.zero.load_full_state_dict(model_state)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full weights (under ZeRO every process must call this: it gathers)."""
         return self.strategy.model_state_dict()
@@ -396,7 +390,7 @@ class Trainer:
     def restore(self, path: Path) -> None:
         model_state, state = ckpt.load_checkpoint(path, map_location=self.device)
         try:
-            self.load_model_state(model_state)
+            self.strategy.load_model_state_dict(model_state)
             self.strategy.load_optimizer_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
