@@ -51,6 +51,13 @@ def resolve_config(recipe_name: str, preset: str | None, overrides: Sequence[str
     return recipe, cfg, preset
 
 
+# How the work is spread, not what is computed: a checkpoint holds the full state in one format for every
+# engine, so a run may continue under another one (and on another number of processes).
+ENGINE_KEYS = frozenset(
+    {"train.strategy", "train.ds_stage", "train.offload", "train.activation_checkpointing"}
+)
+
+
 def _check_resume(out: Path, recipe: Any, preset: str, cfg: Any) -> None:
     recipe_name = recipe.name
     stored_path = out / "config.json"
@@ -67,12 +74,27 @@ def _check_resume(out: Path, recipe: Any, preset: str, cfg: Any) -> None:
     default = flatten(to_dict(recipe.config(preset)))
     old, new = flatten(stored["config"]), flatten(to_dict(cfg))
     old = {**{k: default[k] for k in new.keys() - old.keys() if k in default}, **old}
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ENGINE_KEYS)
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise RunConflictError(
             f"--resume continues a run with its own config; these overrides change it: {changes}"
         )
+
+
+def _record_engine_change(out: Path, cfg: Any) -> None:
+    """A resumed run continued under another engine: config.json says what it finishes under, and keeps
+    what it started under (`resumed_from_engine`)."""
+    stored = json.loads((out / "config.json").read_text())
+    old, new = flatten(stored["config"]), flatten(to_dict(cfg))
+    changed = {k: old.get(k) for k in ENGINE_KEYS if k in new and old.get(k) != new[k]}
+    if not changed:
+        return
+    stored.setdefault("resumed_from_engine", []).append(changed)
+    section = stored["config"]["train"]
+    for key in changed:
+        section[key.split(".", 1)[1]] = new[key]
+    write_json(out / "config.json", stored)
 
 
 def run(
@@ -114,6 +136,8 @@ def run(
     cbs: list[Callback] = []
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _record_engine_change(out, cfg)
         if not resume:
             write_json(
                 out / "config.json",
@@ -228,6 +252,7 @@ def _fit_with_trainer(
     status, error = "completed", None
     try:
         trainer.fit(resume=resume)
+        exp.model = trainer.raw_model  # FSDP2 hands back a new, whole module after training
     except NonFiniteLossError as err:
         status, error = "diverged", str(err)
     except KeyboardInterrupt:

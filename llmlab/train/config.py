@@ -36,8 +36,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (checkpoints keep the plain module's names)
     # Recompute each block's activations in backward instead of storing them (models that support it: GPT)
     activation_checkpointing: bool = False
-    # How processes share the work (llmlab/train/strategy.py): ddp, or our ZeRO stage 1/2/3
-    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = "ddp"
+    # How processes share the work (llmlab/train/strategy.py): ddp; our ZeRO stage 1/2/3 (llmlab/parallel);
+    # PyTorch's FSDP2 (fully_shard per block); DeepSpeed (stage `ds_stage`, offload `offload`)
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "fsdp2", "deepspeed"] = "ddp"
+    ds_stage: int = 2  # strategy=deepspeed: ZeRO stage 0 (plain data parallel), 1, 2 or 3
+    # strategy=deepspeed: move optimizer states (and, at stage 3, parameters too: "all") to CPU memory
+    offload: Literal["none", "optimizer", "all"] = "none"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -58,6 +62,8 @@ class TrainConfig:
             raise ValueError("eval_every must be >= 0")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1")
+        if self.ds_stage not in (0, 1, 2, 3):
+            raise ValueError(f"ds_stage={self.ds_stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
 
 
 @dataclass

@@ -7,6 +7,9 @@ A strategy decides what those mean:
 - `ddp` — one process: plain autograd. N processes: `DistributedDataParallel` (gradients all-reduced in
   buckets during backward), or, for a model that computes its own gradients (stage 1's hand-derived MLP), one
   flat all-reduce after backward.
+- `fsdp2` — PyTorch's FSDP2 (llmlab/train/strategy_fsdp.py); `deepspeed` — DeepSpeed's engine at ZeRO stage
+  `train.ds_stage` with `train.offload` (llmlab/train/strategy_deepspeed.py). Both checkpoint the same full
+  state as the others.
 - `zero1` / `zero2` / `zero3` — llmlab.parallel.zero, written from scratch: optimizer states, then gradients,
   then parameters sharded over the processes. Checkpoints hold the *full* weights and the *full* optimizer
   state (gathered, in torch's own state_dict layout), so a ZeRO run resumes under any number of processes or
@@ -19,6 +22,9 @@ this is the minimal shape; FSDP2 and DeepSpeed themselves come in as further str
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from llmlab.config import ConfigError
 from llmlab.train.distributed import DistEnv, average_gradients_
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "deepspeed")
 
 
 def check_config(cfg: Any, model: nn.Module, env: DistEnv, precision: str) -> None:
@@ -46,6 +52,11 @@ def check_config(cfg: Any, model: nn.Module, env: DistEnv, precision: str) -> No
         )
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"unknown train.strategy {cfg.strategy!r}: one of {', '.join(STRATEGIES)}")
+    if cfg.offload != "none" and cfg.strategy != "deepspeed":
+        raise ConfigError(f"train.offload={cfg.offload} is a DeepSpeed feature: set train.strategy=deepspeed")
+    if cfg.strategy in ("fsdp2", "deepspeed"):
+        _check_engine(cfg, model, manual, precision)
+        return
     if not cfg.strategy.startswith("zero"):
         return
     stage = int(cfg.strategy[-1])
@@ -71,7 +82,147 @@ def check_config(cfg: Any, model: nn.Module, env: DistEnv, precision: str) -> No
         raise ConfigError("train.strategy=zero3 with train.activation_checkpointing is not supported yet")
 
 
-class DataParallelStrategy:
+def _check_engine(cfg: Any, model: nn.Module, manual: bool, precision: str) -> None:
+    """FSDP2 and DeepSpeed run on one process too (a group of one), so no launcher is required."""
+    name = cfg.strategy
+    if manual:
+        raise ConfigError(f"train.strategy={name} needs an autograd model (this one computes its own grads)")
+    if precision == "fp16":
+        raise ConfigError(f"train.strategy={name} with train.precision=fp16: use bf16 or fp32")
+    if cfg.compile:
+        raise ConfigError(f"train.strategy={name} with train.compile is not supported")
+    if name == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(
+                "train.strategy=deepspeed needs the deepspeed package: pip install deepspeed"
+            ) from err
+        if cfg.offload == "optimizer" and cfg.ds_stage == 0:
+            raise ConfigError("train.offload=optimizer needs train.ds_stage >= 1 (DeepSpeed's ZeRO-Offload)")
+        if cfg.offload == "all" and cfg.ds_stage != 3:
+            raise ConfigError("train.offload=all (parameters too) needs train.ds_stage=3")
+
+
+class Strategy:
+    """The interface (and the single-process behaviour). `model` is what the training forward calls;
+    `eval_model` what evaluation calls on every process; `optimizer` what the LR schedule drives."""
+
+    name = "base"
+    model: nn.Module
+    raw_model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.raw_model
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around the forward and backward of a micro-batch: no gradient exchange unless `last`."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
+        scaler.scale(loss).backward()
+
+    def after_backward(self) -> None:
+        """After the last micro-batch's backward."""
+
+    def step(self, scaler: torch.amp.GradScaler, max_norm: float | None) -> float | None:
+        """Clip to `max_norm` (when set) and take the optimizer step; returns the pre-clip gradient norm."""
+        norm = None
+        if max_norm is not None:
+            scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
+        scaler.step(self.optimizer)
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights under the model's own names (every process must call it: it may gather)."""
+        return self.raw_model.state_dict()
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.raw_model.load_state_dict(state)
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The full optimizer state in torch's own layout (every process must call it)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this process holds for parameters, gradients and optimizer states."""
+        return tensor_bytes(self.raw_model.parameters(), self.optimizer)
+
+    def finish(self) -> nn.Module:
+        """After training: the whole model, usable on one process (for decoding and saving)."""
+        return self.raw_model
+
+
+def tensor_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the parameter, gradient and optimizer-state storages (DTensors by their local shard)."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = list(params)
+    out = {"params": 0, "grads": 0, "optimizer": 0}
+    for p in params:
+        out["params"] += local(p).nbytes
+        if p.grad is not None:
+            out["grads"] += local(p.grad).nbytes
+    for st in optimizer.state.values():
+        out["optimizer"] += sum(local(v).nbytes for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    return out
+
+
+def ensure_process_group(device: torch.device) -> bool:
+    """FSDP2 and DeepSpeed need a process group even on one process: without a launcher, a private group of
+    one (nothing listens on a port). Returns whether it was created here (and is to be destroyed by us)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts a launcher's variable
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters live on the meta device (no memory): its structure, buffers and
+    weight ties, to be filled with the whole weights after a sharded training (`fill_skeleton`)."""
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def fill_skeleton(plain: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """`meta_skeleton`'s copy with real parameters from a full state dict (a tied weight stays tied)."""
+    new: dict[int, nn.Parameter] = {}
+    for prefix, module in plain.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in new:
+                value = full[f"{prefix}.{pname}" if prefix else pname].to(device)
+                new[id(p)] = nn.Parameter(value.clone(), requires_grad=p.requires_grad)
+            module._parameters[pname] = new[id(p)]
+    for name, b in plain.named_buffers():
+        if name in full:
+            b.copy_(full[name])
+    return plain.to(device)
+
+
+class DataParallelStrategy(Strategy):
     name = "ddp"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, device: torch.device,
@@ -90,32 +241,8 @@ class DataParallelStrategy:
         if self.manual:
             average_gradients_(list(self.raw_model.parameters()), self.env)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        return nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
 
-    def step(self, scaler: torch.amp.GradScaler) -> None:
-        scaler.step(self.optimizer)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.raw_model.state_dict()
-
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.raw_model.load_state_dict(state)
-
-    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def finish(self) -> None:
-        """After training: the raw model is whole and usable on one process."""
-
-
-class ZeroStrategy:
+class ZeroStrategy(Strategy):
     """ZeRO stage 1, 2 or 3 (llmlab.parallel.zero) with the recipe's optimizer class and parameter groups."""
 
     def __init__(self, stage: int, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> None:
@@ -135,23 +262,19 @@ class ZeroStrategy:
         self.zero = ZeRO(model, stage, groups, type(optimizer), units=units, lr=lr)
         self.optimizer = self.zero.optimizer  # the LR schedule drives the inner optimizer over the chunks
 
-    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # stage 1 reduces at the step; 2 and 3 reduce-scatter per micro-batch
+    # no_sync: stage 1 reduces at the step; 2 and 3 reduce-scatter per micro-batch (the base class's no-op)
 
-    def after_backward(self) -> None:
-        pass
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        if self.zero.stage == 1:
-            self.zero.sync_grads()
-            self._synced = True
-        return self.zero.clip_grad_norm_(max_norm)
-
-    def step(self, scaler: torch.amp.GradScaler) -> None:
+    def step(self, scaler: torch.amp.GradScaler, max_norm: float | None) -> float | None:
         if scaler.is_enabled():
             raise ValueError("train.precision=fp16 with ZeRO is not supported: use bf16 or fp32")
-        self.zero.step(skip_grad_sync=getattr(self, "_synced", False))
-        self._synced = False
+        norm, synced = None, False
+        if max_norm is not None:
+            if self.zero.stage == 1:
+                self.zero.sync_grads()
+                synced = True
+            norm = self.zero.clip_grad_norm_(max_norm)
+        self.zero.step(skip_grad_sync=synced)
+        return norm
 
     def zero_grad(self) -> None:
         self.zero.zero_grad()
@@ -170,18 +293,30 @@ class ZeroStrategy:
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         self.zero.load_full_optimizer_state_dict(state)
 
-    def finish(self) -> None:
+    def state_bytes(self) -> dict[str, int]:
+        return dataclasses.asdict(self.zero.state_bytes())
+
+    def finish(self) -> nn.Module:
         self.zero.unshard()
+        return self.raw_model
 
 
-def make_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
-                  device: torch.device, manual: bool) -> DataParallelStrategy | ZeroStrategy:  # fmt: skip
+def make_strategy(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
+                  device: torch.device, manual: bool, precision: str = "fp32") -> Strategy:  # fmt: skip
+    """The strategy `cfg.strategy` names (a TrainConfig; a bare name is accepted for the plain ones)."""
+    name = cfg if isinstance(cfg, str) else cfg.strategy
     if name == "ddp":
         return DataParallelStrategy(model, optimizer, env, device, manual)
+    if manual:
+        raise ValueError(f"train.strategy={name} needs an autograd model (this one computes its own grads)")
     if name in ("zero1", "zero2", "zero3"):
-        if manual:
-            raise ValueError(
-                f"train.strategy={name} needs an autograd model (this one computes its own gradients)"
-            )
         return ZeroStrategy(int(name[-1]), model, optimizer, env)
+    if name == "fsdp2":
+        from llmlab.train.strategy_fsdp import FSDP2Strategy
+
+        return FSDP2Strategy(model, optimizer, env, device)
+    if name == "deepspeed":
+        from llmlab.train.strategy_deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(model, optimizer, env, device, cfg, precision)
     raise ValueError(f"unknown train.strategy {name!r}: one of {', '.join(STRATEGIES)}")

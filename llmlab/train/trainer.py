@@ -4,8 +4,9 @@ One explicit step: split the global batch into micro-batches, forward under auto
 model's own hand-written backward), average gradients across processes, clip, check the loss is finite, step
 the optimizer and the LR schedule. Around it: evaluation every N steps and at the end, checkpoints that
 resume bit for bit, and a handful of callback events for logging. How processes share the work is a strategy
-(llmlab/train/strategy.py: DDP or our ZeRO 1/2/3) chosen by `train.strategy`; activation checkpointing is a
-switch the model implements. Reference points: nanoGPT's train.py loop, PyTorch's AMP and DDP recipes.
+(llmlab/train/strategy.py: DDP, our ZeRO 1/2/3, FSDP2, DeepSpeed) chosen by `train.strategy`; activation
+checkpointing is a switch the model implements. Reference points: nanoGPT's train.py loop, PyTorch's AMP and
+DDP recipes.
 """
 
 from __future__ import annotations
@@ -144,9 +145,8 @@ class Trainer:
         check_config(cfg, self.raw_model, self.dist, self.precision)
         if cfg.activation_checkpointing:
             self.raw_model.set_activation_checkpointing(True)
-        self.strategy = make_strategy(
-            cfg.strategy, self.raw_model, optimizer, self.dist, self.device, self.manual
-        )
+        self.strategy = make_strategy(cfg, self.raw_model, optimizer, self.dist, self.device, self.manual,
+                                      self.precision)  # fmt: skip
         self.model: nn.Module = self.strategy.model
         optimizer = self.strategy.optimizer  # ZeRO: the optimizer over this rank's chunks
         if cfg.compile:
@@ -238,7 +238,7 @@ class Trainer:
                 else:
                     with self.autocast():
                         out = self.task.step(self.model, micro)
-                    self.scaler.scale(out.loss * scale).backward()
+                    self.strategy.backward(out.loss * scale, self.scaler)
             loss_sum += out.loss.detach().float() * out.n
             n += out.n
             for k, v in out.sums.items():
@@ -253,12 +253,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(self._nonfinite_message(f"the loss is {loss_value}"))
 
-        grad_norm = None
-        if self.cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = self.strategy.clip_grad_norm(self.cfg.grad_clip)
         self.last_lr = self.lr()  # the rate this step used (the scheduler moves on below)
-        self.strategy.step(self.scaler)
+        grad_norm = self.strategy.step(self.scaler, self.cfg.grad_clip)  # clips first when grad_clip is set
         self.scaler.update()
         self.scheduler.step()
 
@@ -314,7 +310,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        return evaluate(self.raw_model, self.task, loader, self.device, self.dist, self.autocast)
+        model = self.strategy.eval_model  # FSDP2 / DeepSpeed-3: the sharded module, run on every process
+        return evaluate(model, self.task, loader, self.device, self.dist, self.autocast)
 
     def _run_evals(self, loaders: dict[str, Iterable]) -> None:
         for split, loader in loaders.items():
@@ -439,7 +436,8 @@ class Trainer:
             self._run_evals(self.final_loaders)  # the test set: once, at the end
             if self.cfg.checkpoint_every >= 0 and self._last_ckpt_step != self.step:
                 self.save_checkpoint()  # so that --resume of a finished run has nothing left to do
-            self.strategy.finish()  # the raw model whole again (ZeRO-3), for decoding and saving
+            # The whole model on every process (ZeRO-3 / FSDP2 / DeepSpeed gather it), for decoding and saving
+            self.raw_model = self.strategy.finish()
         finally:
             self._emit("on_train_end")
         return dict(self.final_metrics)
