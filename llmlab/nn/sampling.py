@@ -42,16 +42,18 @@ class SampleConfig:
     eos_id: int | None = None  # stop a row once it produced this token (later tokens: eos_id again)
 
     def __post_init__(self) -> None:
+        # Outside these bounds z / T or z · θ overflows float32 to inf and softmax gives NaN; nothing useful
+        # lies beyond them (T = 0.01 is already greedy in all but exact ties).
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if not (self.temperature == 0 or 0.01 <= self.temperature <= 100):
+            raise ValueError("temperature must be 0 (greedy) or between 0.01 and 100")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("top_k must be >= 1 (or none)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1] (or none)")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            raise ValueError("repetition_penalty must be between 0.01 and 100 (1 = off)")
 
 
 def process_logits(logits: Tensor, seen: Tensor, cfg: SampleConfig) -> Tensor:

@@ -22,6 +22,10 @@ on every request for nothing. So callers announce a request as soon as it arrive
 (`with batcher.arriving(): ... submit(...)`), and an open batch waits only while some announced request has
 not been submitted yet, still bounded by max_wait_ms. With one client the batch runs at once; under load the
 batch waits for exactly the requests already inside the server, and runs as soon as they are all in.
+
+The items need not be texts: /v1/generate (generate.py) queues one generation job per request with
+`max_batch_size=1`, so it gets the same bounded queue, 503s, cancellation and shutdown with one request per
+model call.
 """
 
 from __future__ import annotations
@@ -53,17 +57,18 @@ class BatcherClosed(RuntimeError):
 
 @dataclass
 class _Request:
-    texts: list[str]
+    texts: list[Any]  # texts, or any items `fn` takes
     future: Future
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher(Generic[R]):
-    """Queue texts from many threads; run `fn(texts) -> results` (same length, same order) in batches."""
+    """Queue texts (or other items) from many threads; run `fn(texts) -> results` (same length, same order) in
+    batches."""
 
     def __init__(
         self,
-        fn: Callable[[list[str]], Sequence[R]],
+        fn: Callable[[list[Any]], Sequence[R]],
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
@@ -99,7 +104,7 @@ class MicroBatcher(Generic[R]):
         self._worker.start()
 
     # -- client side --------------------------------------------------------------------------------------
-    def submit(self, texts: Sequence[str]) -> Future:
+    def submit(self, texts: Sequence[Any]) -> Future:
         """Queue one request; its future resolves to `fn`'s results for exactly these texts."""
         texts = list(texts)
         fut: Future = Future()
@@ -150,7 +155,7 @@ class MicroBatcher(Generic[R]):
             self._arriving -= 1
             self._cond.notify()
 
-    def __call__(self, texts: Sequence[str], timeout: float | None = None) -> list[R]:
+    def __call__(self, texts: Sequence[Any], timeout: float | None = None) -> list[R]:
         """Submit and wait. On timeout the request is cancelled (dropped if it has not started)."""
         fut = self.submit(texts)
         try:

@@ -1,5 +1,11 @@
 """`llmlab predict` and `llmlab serve`: classify texts from the command line, or serve a model over HTTP.
 
+`llmlab serve RUN_DIR` serves a classifier (an HF model directory, a run with model/, a Hub id) at
+POST /v1/classify, or a language-model run (shakespeare-gpt) at POST /v1/generate; it tells which from the
+directory (llmlab/serve/lm.py: detect_model_kind). The classifier's batching flags are ignored for a
+language model; --max-length (classifiers) and --max-new-tokens / --max-n (language models) default to None
+and are an error for the other kind.
+
 `add_predict_parser(sub)` / `add_serve_parser(sub)` register the subcommands (with their `func`) on the main
 `llmlab` parser; `main(argv)` is a parser with just these two, so `python -m llmlab.serve.cli` works alone.
 Exit codes follow llmlab/cli.py: 0 success, 1 the model could not be loaded, 2 a bad command line or limit.
@@ -14,15 +20,19 @@ import sys
 from llmlab.config import ConfigError
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, language_models: bool = False) -> None:
+    what = "a classifier run's model/, or a language-model run" if language_models else "uses its model/"
     p.add_argument(
         "model",
         metavar="RUN_DIR_OR_MODEL",
-        help="an llmlab run directory (uses its model/), an HF model directory, or a Hub id",
+        help=f"an llmlab run directory ({what}), an HF model directory, or a Hub id",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument(
-        "--max-length", type=int, default=None, help="token cap; None: the model's maximum (e.g. 512)"
+        "--max-length",
+        type=int,
+        default=None,
+        help="classifiers: token cap; None: the model's maximum (e.g. 512)",
     )
 
 
@@ -60,20 +70,14 @@ def predict_main(args: argparse.Namespace) -> int:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from llmlab.serve.app import ServeLimits, serve
+    from llmlab.serve.app import serve
+    from llmlab.serve.lm import detect_model_kind
     from llmlab.serve.model import ModelLoadError
 
-    limits = ServeLimits(
-        max_texts=args.max_texts,
-        max_chars=args.max_chars,
-        max_body_bytes=args.max_body_bytes,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout,
-    )
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be 0..65535 (0 picks a free port)")
+    kind = detect_model_kind(args.model)
+    limits = _generate_limits(args) if kind == "language-model" else _classifier_limits(args)
     try:
         serve(
             args.model,
@@ -92,6 +96,42 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"llmlab: error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _classifier_limits(args: argparse.Namespace):
+    from llmlab.serve.app import ServeLimits
+
+    for flag in GENERATE_FLAG_DEFAULTS:
+        if getattr(args, flag, None) is not None:
+            option = "--" + flag.replace("_", "-")
+            raise ConfigError(f"{option} applies to language-model runs; {args.model} is a classifier")
+    queue = args.max_queue if args.max_queue is not None else SERVE_FLAG_DEFAULTS["max_queue"]
+    return ServeLimits(
+        max_texts=args.max_texts,
+        max_chars=args.max_chars,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=queue,
+        request_timeout_s=args.request_timeout,
+    )
+
+
+def _generate_limits(args: argparse.Namespace):
+    from llmlab.serve.generate import GenerateLimits
+
+    def given(name: str) -> int:
+        value = getattr(args, name)
+        return value if value is not None else GENERATE_FLAG_DEFAULTS[name]
+
+    return GenerateLimits(
+        max_prompt_chars=args.max_chars,
+        max_new_tokens=given("max_new_tokens"),
+        max_n=given("max_n"),
+        max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue if args.max_queue is not None else GENERATE_QUEUE_DEFAULT,
+        request_timeout_s=args.request_timeout,
+    )
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -121,26 +161,34 @@ SERVE_FLAG_DEFAULTS = {
     "max_queue": 1024,
     "request_timeout_s": 30.0,
 }
+# The language-model limits of the serve flags, as GenerateLimits states them (a test keeps them equal); the
+# flags default to None so that giving one for a classifier is an error. The prompt's character limit is
+# --max-chars, the body, timeout and queue flags are shared (the queue counts requests for a language model).
+GENERATE_FLAG_DEFAULTS = {"max_new_tokens": 512, "max_n": 8}
+GENERATE_QUEUE_DEFAULT = 32
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    d = SERVE_FLAG_DEFAULTS
+    d, g = SERVE_FLAG_DEFAULTS, GENERATE_FLAG_DEFAULTS
     p = sub.add_parser(
         "serve",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="serve a model over HTTP (POST /v1/classify; waitress, micro-batched)",
-        description="Serve a sequence-classification model over HTTP with waitress and dynamic "
-        "micro-batching. Endpoints: POST /v1/classify, GET /healthz, /readyz, /v1/model, /v1/stats, "
-        "/openapi.json. Stops on Ctrl-C or SIGTERM.",
+        help="serve a model over HTTP (POST /v1/classify or /v1/generate; waitress)",
+        description="Serve a model over HTTP with waitress: a sequence-classification model (an HF model "
+        "directory, an llmlab run with model/, or a Hub id) at POST /v1/classify, micro-batched; or a "
+        "language-model run (e.g. shakespeare-gpt) at POST /v1/generate, one generation at a time behind a "
+        "bounded queue. Both: GET /healthz, /readyz, /v1/model, /v1/stats, /openapi.json (the API with every "
+        "bound). Stops on Ctrl-C or SIGTERM.",
     )
-    _model_args(p)
+    _model_args(p, language_models=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
-        help="waitress threads; None: max(8, 2 x max batch size)",
+        help="waitress threads; None: max(8, 2 x max batch size) for a classifier, max(8, min(64, max queue "
+        "+ 4)) for a language model",
     )
     p.add_argument(
         "--torch-threads",
@@ -150,25 +198,52 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "busy CPU",
     )
     p.add_argument(
-        "--max-batch-size", type=_positive_int, default=d["max_batch_size"], help="texts per model call"
+        "--max-chars",
+        type=_positive_int,
+        default=d["max_chars"],
+        help="characters per text (classifier) or per prompt (language model)",
     )
     p.add_argument(
+        "--max-body-bytes", type=_positive_int, default=d["max_body_bytes"], help="request body size (bytes)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=None,
+        help=f"waiting work before 503; None: {d['max_queue']} texts (classifier), {GENERATE_QUEUE_DEFAULT} "
+        "requests (language model)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d["request_timeout_s"],
+        help="seconds a request may wait (queue and model) before 504",
+    )
+    c = p.add_argument_group("classifiers (POST /v1/classify)")
+    c.add_argument(
+        "--max-batch-size", type=_positive_int, default=d["max_batch_size"], help="texts per model call"
+    )
+    c.add_argument(
         "--max-wait-ms",
         type=float,
         default=d["max_wait_ms"],
         help="the most a batch waits for requests already inside the server (ms); a lone request never waits",
     )
-    p.add_argument("--max-texts", type=_positive_int, default=d["max_texts"], help="texts per request")
-    p.add_argument("--max-chars", type=_positive_int, default=d["max_chars"], help="characters per text")
-    p.add_argument(
-        "--max-body-bytes", type=_positive_int, default=d["max_body_bytes"], help="request body size (bytes)"
+    c.add_argument("--max-texts", type=_positive_int, default=d["max_texts"], help="texts per request")
+    lm = p.add_argument_group(
+        "language models (POST /v1/generate)",
+        "A request's prompt is cut from the left to the model's context; request parameters and their "
+        "bounds: GET /openapi.json",
     )
-    p.add_argument("--max-queue", type=_positive_int, default=d["max_queue"], help="texts waiting before 503")
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=d["request_timeout_s"],
-        help="seconds a request may wait before 504",
+    lm.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help=f"the most new tokens a request may ask for (its default: min(200, this)); None: "
+        f"{g['max_new_tokens']}",
+    )
+    lm.add_argument(
+        "--max-n", type=_positive_int, default=None, help=f"samples per request (its n); None: {g['max_n']}"
     )
     p.set_defaults(func=serve_main)
     return p

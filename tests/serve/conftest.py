@@ -1,4 +1,5 @@
-"""Fixtures for the serving tests: a tiny random BERT saved to disk once per session, loaded as users do."""
+"""Fixtures for the serving tests: a tiny random BERT and a tiny GPT run saved to disk once per session,
+loaded as users do."""
 
 from __future__ import annotations
 
@@ -34,3 +35,30 @@ def classifier(model_dir):
     from llmlab.serve.model import TextClassifier
 
     return TextClassifier.from_path(model_dir)
+
+
+@pytest.fixture(scope="session")
+def lm_run_dir(tmp_path_factory) -> Path:
+    """A language-model run directory (shakespeare-gpt's layout) with a tiny char-level GPT, context 16."""
+    from tests.serve.helpers import save_tiny_lm_run
+
+    return save_tiny_lm_run(tmp_path_factory.mktemp("runs") / "shakespeare-gpt-tiny")
+
+
+@pytest.fixture(scope="session")
+def language_model(lm_run_dir):
+    from llmlab.serve.lm import load_language_model
+
+    return load_language_model(lm_run_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread while a module's tests run (restored after): on a busy 2-core machine
+    token-by-token generation with spinning idle threads is 10-20x slower (see serve's --torch-threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

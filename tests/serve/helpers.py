@@ -1,4 +1,5 @@
-"""Shared by the serving tests: a tiny random BERT classifier saved as a user would, and a small HTTP client.
+"""Shared by the serving tests: a tiny random BERT classifier saved as a user would, a tiny GPT run written as
+`llmlab run shakespeare-gpt` writes one, fakes of both, and a small HTTP client.
 
 The model is `BertForSequenceClassification` from a config (no weights are downloaded) with the four AG News
 labels; its tokenizer uses the real bert-base-uncased vocab from `$LLMLAB_DATA/tokenizers/` when present and
@@ -11,6 +12,7 @@ import http.client
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,3 +163,79 @@ class FakeClassifier:
                 }
             )
         return out
+
+
+# ------------------------------------------------------------------------------------------ language models
+# The characters of the tiny LM's char-level vocabulary: ASCII letters, space, some punctuation and newline.
+LM_CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'-\n"
+
+
+def save_tiny_lm_run(out: Path, seed: int = 0, block_size: int = 16) -> Path:
+    """A shakespeare-gpt run directory as `llmlab run` writes it (config.json, tokenizer.json,
+    model.safetensors), with a 2-layer, 16-wide GPT whose weights are random but far from uniform."""
+    import dataclasses
+
+    import torch
+
+    from llmlab.config import to_dict
+    from llmlab.data.lm_tokenizers import CharTokenizer
+    from llmlab.models.gpt import GPT, GPTConfig
+    from llmlab.recipes.gpt_lm import LMConfig
+    from llmlab.train.checkpoint import save_weights
+
+    cfg = LMConfig(model=GPTConfig(vocab_size=0, block_size=block_size, n_layer=2, n_head=2, n_embd=16))
+    tok = CharTokenizer.train(LM_CHARS)
+    torch.manual_seed(seed)
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():  # a wide init, so that different prompts give clearly different texts
+            p.normal_(0.0, 0.5)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = {"recipe": "shakespeare-gpt", "preset": "smoke", "overrides": [], "config": to_dict(cfg)}
+    (out / "config.json").write_text(json.dumps(stored))
+    tok.save(out / "tokenizer.json")
+    save_weights(out / "model.safetensors", model.state_dict())
+    return out
+
+
+def generate(port: int, body: Any, timeout: float = 20.0) -> Reply:
+    return request(port, "POST", "/v1/generate", json.dumps(body), timeout=timeout)
+
+
+class FakeLanguageModel:
+    """A language-model stand-in: ASCII only, whitespace is no token; can block on a gate (stopping when
+    asked), or raise, to test the server's edges."""
+
+    name = "fake-lm"
+    tokenizer_name = "fake-ascii"
+    vocab_size = 128
+    context_length = 8
+    eos_id = None
+
+    def __init__(self, gate: threading.Event | None = None, fail_on: str | None = None):
+        self.gate = gate
+        self.fail_on = fail_on
+        self.entered = threading.Event()
+        self.stopped = threading.Event()
+        self.calls: list[tuple[list[int], Any, int, int]] = []
+
+    def encode(self, text: str) -> list[int]:
+        if any(ord(c) >= 128 for c in text):
+            raise ValueError("only ASCII characters")
+        return [ord(c) for c in text if not c.isspace()]
+
+    def generate(self, prompt_ids, cfg, n, seed, should_stop=None):
+        from llmlab.serve.generate import Completion, GenerationCancelled
+
+        self.calls.append((list(prompt_ids), cfg, n, seed))
+        self.entered.set()
+        if self.gate is not None:
+            deadline = time.monotonic() + 10  # bounded: a test that forgets to open the gate still ends
+            while not self.gate.wait(0.01) and time.monotonic() < deadline:
+                if should_stop is not None and should_stop():
+                    self.stopped.set()
+                    raise GenerationCancelled("stopped")
+        if self.fail_on is not None and "".join(map(chr, prompt_ids)) == self.fail_on:
+            raise RuntimeError(f"the model failed on {self.fail_on!r}")
+        text = ("ab" * cfg.max_new_tokens)[: cfg.max_new_tokens]
+        return [Completion(text, cfg.max_new_tokens, "length") for _ in range(n)]
