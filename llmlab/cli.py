@@ -214,6 +214,18 @@ def _read_lines(source: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    """Predicted per-rank memory of a GPT recipe's run (llmlab/memory/command.py)."""
+    from llmlab.memory.command import MemoryRequest, memory_command
+
+    request = MemoryRequest(
+        args.recipe, args.preset, args.overrides, ranks=args.ranks, rank=args.rank, device=args.device,
+        out=args.out, data_dir=args.data_dir,
+    )  # fmt: skip
+    print(memory_command(request))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Train the stage-1 MLP on MNIST when the data root has it, else on scikit-learn's bundled digits."""
     from llmlab.data import data_root, dataset_status
@@ -306,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     device_and_data(p)
     p.add_argument("overrides", nargs="*", metavar="decode.key=value")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "memory",
+        help="predicted per-rank memory of a run: params, grads, optimizer states, activations (stage 6)",
+        description="Predict the per-rank memory of a GPT recipe's run from its config (preset + key=value "
+        "overrides), before anything is allocated: parameters, gradients and optimizer states as the ZeRO "
+        "paper counts them for train.strategy, activations per layer with and without checkpointing, and a "
+        "comparison across strategies. --out DIR also writes memory.png, memory.md and "
+        "memory_prediction.json.",
+    )
+    p.add_argument("recipe")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--ranks", type=_positive_int, default=1, help="data-parallel processes (N)")
+    p.add_argument("--rank", type=int, default=0, help="the rank to predict (ZeRO chunks differ by rank)")
+    p.add_argument("--out", type=Path, default=None, help="folder for memory.png, memory.md and the JSON")
+    device_and_data(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_memory)
 
     p = sub.add_parser("report", help="write a run's report.md, or compare several runs in one table")
     p.add_argument("run_dirs", nargs="+", type=Path)

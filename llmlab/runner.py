@@ -20,7 +20,7 @@ import torch
 import llmlab
 from llmlab.config import ConfigError, apply_overrides, flatten, from_dict, to_dict
 from llmlab.recipes import BuildContext, get_recipe
-from llmlab.recipes.base import CustomLoop, Experiment, Outcome
+from llmlab.recipes.base import Experiment, Outcome
 from llmlab.report import RunDirError
 from llmlab.train.callbacks import Callback, MetricsFile, ProgressBar, TensorBoard
 from llmlab.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, save_weights
@@ -127,8 +127,8 @@ def run(
         device=dev, dist=env, data_dir=Path(data_dir) if data_dir else None, run_dir=out if resume else None
     )
     exp = recipe.build(cfg, ctx)
-    if isinstance(exp, Experiment):  # switches this model or launch cannot honour: before anything is written
-        check_config(cfg.train, exp.model, env, resolve_precision(cfg.train.precision, dev))
+    # switches this model or launch cannot honour: before anything is written
+    check_config(cfg.train, exp.model, env, resolve_precision(cfg.train.precision, dev))
     if env.enabled:
         # Same initial weights everywhere (DDP also broadcasts them); different dropout masks per process.
         torch.manual_seed(cfg.seed + 1000 * env.rank)
@@ -155,13 +155,10 @@ def run(
     cbs.extend(callbacks)
 
     name = f"{recipe.name}:{preset}"
-    if isinstance(exp, CustomLoop):  # a recipe that owns its loop deliberately (e.g. HF Accelerate)
-        outcome = exp.fit(out, cbs, resume, name)
-    else:
-        outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, env, name)
+    outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, env, name)
 
     notes = list(exp.notes)
-    if isinstance(exp, Experiment) and exp.final_eval is not None and outcome.status == "completed":
+    if exp.final_eval is not None and outcome.status == "completed":
         if env.is_main:  # decoding whole splits needs no other process
             final = exp.final_eval(exp.model, [*exp.eval_loaders, *exp.final_loaders], out)
             outcome.metrics.update(final.metrics)
@@ -253,12 +250,17 @@ def _fit_with_trainer(
     try:
         trainer.fit(resume=resume)
         exp.model = trainer.raw_model  # FSDP2 hands back a new, whole module after training
+        if trainer.memory_probe is not None:  # memory.json + the report's memory section (first step only)
+            trainer.memory_probe.finish(out)
     except NonFiniteLossError as err:
         status, error = "diverged", str(err)
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user; continue with --resume"
 
     def save(run_dir: Path) -> None:
+        if exp.save_model is not None:  # the recipe's own format (e.g. a Hugging Face model directory)
+            exp.save_model(trainer.raw_model, run_dir)
+            return
         meta = {"recipe": name.split(":")[0], "preset": name.split(":")[-1], "step": str(trainer.step)}
         save_weights(run_dir / "model.safetensors", trainer.raw_model.state_dict(), metadata=meta)
 
@@ -350,12 +352,13 @@ def evaluate_run(
             device=dev, dist=DistEnv(), data_dir=Path(data_dir) if data_dir else None, run_dir=run_dir
         ),
     )
-    if isinstance(exp, CustomLoop):
-        return exp.evaluate(run_dir, split)
     loaders = {**exp.eval_loaders, **exp.final_loaders}
     if split not in loaders:
         raise ConfigError(f"split {split!r} not available; choose from {', '.join(loaders)}")
-    load_run_weights(run_dir, exp.model.to(dev), map_location=str(dev))
+    if exp.load_model is not None:
+        exp.load_model(exp.model.to(dev), run_dir)
+    else:
+        load_run_weights(run_dir, exp.model.to(dev), map_location=str(dev))
     metrics: dict[str, Any] = evaluate(exp.model, exp.task, loaders[split], dev)
     if exp.final_eval is not None:
         final = exp.final_eval(exp.model, [split], None)

@@ -110,7 +110,32 @@ class DeepSpeedStrategy(Strategy):
     def backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the Trainer has already weighted the loss
 
+    def _gradient_bytes(self) -> int:
+        """The gradients DeepSpeed holds between backward and step: the model's .grad (stage 0/1, and stage 2
+        between reductions), the reduced partitions (`averaged_gradients`, `all_grad_tensors`), stage 3's
+        flat partition buffer. Its step frees or reuses them, so they are counted here, before it."""
+        seen: set[int] = set()
+        total = 0
+
+        def add(t: Any) -> None:
+            nonlocal total
+            if torch.is_tensor(t) and t.numel() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+
+        for p in self.raw_model.parameters():
+            add(p.grad)
+        opt = self.engine.optimizer
+        for attr in ("averaged_gradients", "all_grad_tensors"):
+            held = getattr(opt, attr, None) or {}
+            for grads in held.values() if isinstance(held, dict) else held:
+                for g in grads if isinstance(grads, (list, tuple)) else [grads]:
+                    add(g)
+        add(getattr(opt, "grad_partitions_flat_buffer", None))
+        return total
+
     def step(self, scaler: torch.amp.GradScaler, max_norm: float | None) -> float | None:
+        self._grads_held = self._gradient_bytes()
         self.engine.step()  # reduces (stage 0/1), clips at `gradient_clipping`, updates, zeroes gradients
         if max_norm is None:
             return None
@@ -250,21 +275,17 @@ class DeepSpeedStrategy(Strategy):
 
     def state_bytes(self) -> dict[str, int]:
         """Parameters: this process's working copy (stage 3: its partition); optimizer: the flat fp32
-        partitions DeepSpeed's optimizer updates (a master copy) plus their Adam states; gradients: the
-        model's and the partitions' .grad."""
-        out = {"params": 0, "grads": 0, "optimizer": 0}
+        partitions DeepSpeed's optimizer updates (a master copy) plus their Adam states; gradients: what it
+        held before the last step (`_gradient_bytes`)."""
+        out = {"params": 0, "grads": getattr(self, "_grads_held", 0), "optimizer": 0}
         own = set()
         for p in self.raw_model.parameters():
             local = p.ds_tensor if hasattr(p, "ds_tensor") else p
             own.add(local.data_ptr())
             out["params"] += local.numel() * local.element_size()
-            if p.grad is not None:
-                out["grads"] += p.grad.numel() * p.grad.element_size()
         for p in self._flats():
             if p.numel() and p.data_ptr() not in own:
                 out["optimizer"] += p.numel() * p.element_size()
-                if p.grad is not None:
-                    out["grads"] += p.grad.numel() * p.grad.element_size()
         for st in self._inner().state.values():
             out["optimizer"] += sum(v.nbytes for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
         return out

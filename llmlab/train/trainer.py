@@ -187,6 +187,12 @@ class Trainer:
         self._last_eval_step = -1
         self._last_ckpt_step = -1
         self.last_lr = self.lr()
+        # Memory of the first step, measured beside the prediction (memory.json; `llmlab memory` predicts)
+        self.memory_probe = None
+        if not self.manual:
+            from llmlab.memory import MemoryProbe
+
+            self.memory_probe = MemoryProbe.for_trainer(self, step=0)
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -231,7 +237,11 @@ class Trainer:
             # with variable-length targets, whose micro-batches and processes hold different token counts.
             scale = units[i] * self.dist.world_size / max(total, 1.0)
             last = i == len(micro_batches) - 1
-            with self.strategy.no_sync(last):
+            probe = self.memory_probe if i == 0 else None  # the measured step's first micro-batch
+            measure = contextlib.nullcontext()
+            if probe is not None and probe.due(self.step):
+                measure = probe.activation_context(micro)
+            with self.strategy.no_sync(last), measure:
                 if self.manual:
                     with torch.no_grad():
                         out = self.task.manual_step(self.raw_model, micro, scale)
@@ -255,6 +265,9 @@ class Trainer:
 
         self.last_lr = self.lr()  # the rate this step used (the scheduler moves on below)
         grad_norm = self.strategy.step(self.scaler, self.cfg.grad_clip)  # clips first when grad_clip is set
+        if self.memory_probe is not None and self.memory_probe.due(self.step):  # llmlab/memory: measured
+            own = self.strategy.state_bytes() if self.strategy.name.startswith("deepspeed") else None
+            self.memory_probe.record_states(self.strategy.raw_model, self.strategy.optimizer, states=own)
         self.scaler.update()
         self.scheduler.step()
 
