@@ -74,8 +74,8 @@ def layout_for(strategy: str, ds_stage: int = 2, offload: str = "none") -> State
     """The layout of a `train.strategy` (with `train.ds_stage` and `train.offload` for deepspeed): ddp,
     zero1/2/3 (ours), fsdp2, deepspeed; also deepspeed0-3 / deepspeed3_offload as one name."""
     name = strategy.strip().lower()
-    if name == "ddp":
-        return StateLayout(name, 0, "none", "autocast")
+    if name in ("ddp", "accelerate"):  # Accelerate's engine is DDP underneath (train/strategy_accelerate.py)
+        return StateLayout("ddp", 0, "none", "autocast")
     if name in ("zero1", "zero2", "zero3"):
         return StateLayout(name, int(name[-1]), "per-param", "autocast")
     if name in ("fsdp", "fsdp2"):
@@ -88,7 +88,9 @@ def layout_for(strategy: str, ds_stage: int = 2, offload: str = "none") -> State
             raise ValueError(f"deepspeed stage {stage} / offload {off!r}: stages 0-3, none|optimizer|all")
         label = f"deepspeed{stage}" + ("" if off == "none" else f"+offload_{off}")
         return StateLayout(label, stage, "flat" if stage else "none", "zero-paper", off)  # type: ignore[arg-type]
-    raise ValueError(f"unknown strategy {strategy!r}: ddp, zero1, zero2, zero3, fsdp2 or deepspeed")
+    raise ValueError(
+        f"unknown strategy {strategy!r}: ddp, accelerate, zero1, zero2, zero3, fsdp2 or deepspeed"
+    )
 
 
 @dataclass

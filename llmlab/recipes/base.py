@@ -79,6 +79,10 @@ class Experiment:
     # complete, and for `llmlab eval` (run_dir None: write nothing). It may write files into run_dir (e.g.
     # translations, figures, a report section under sections/).
     final_eval: Callable[[nn.Module, list[str], Path | None], FinalEvaluation] | None = None
+    # How the final model is written into the run directory, and read back by `llmlab eval`; None: the
+    # Trainer's weights as RUN_DIR/model.safetensors. E.g. a Hugging Face model directory, RUN_DIR/model/.
+    save_model: Callable[[nn.Module, Path], None] | None = None
+    load_model: Callable[[nn.Module, Path], None] | None = None
 
 
 @dataclass
@@ -97,25 +101,6 @@ class Outcome:
     save: Callable[[Path], None]  # writes the final model into the run directory
     stop_reason: str | None = None
     error: str | None = None
-
-
-class CustomLoop:
-    """What a recipe that deliberately owns its training loop (e.g. HF Accelerate for BERT) builds instead of
-    an Experiment. The runner still writes config.json, the artifacts, result.json and the report, and hands
-    `fit` the standard callbacks (metrics.jsonl, TensorBoard, progress), whose events the loop must emit
-    with an object that has `step`, `total_steps`, `name`, `task.unit` (see llmlab/train/callbacks.py)."""
-
-    data_description: str = ""
-    notes: list[str]
-    callbacks: list[Callback]
-    artifacts: dict[str, Callable[[Path], Any]]
-
-    def fit(self, out: Path, callbacks: list[Callback], resume: bool, name: str) -> Outcome:
-        raise NotImplementedError
-
-    def evaluate(self, run_dir: Path, split: str) -> dict[str, float]:
-        """Metrics of the run's saved final model on `split` (for `llmlab eval`)."""
-        raise NotImplementedError
 
 
 class Recipe:
@@ -149,5 +134,5 @@ class Recipe:
     def target(self, preset: str) -> Target | None:
         return self.targets.get(preset)
 
-    def build(self, cfg: Any, ctx: BuildContext) -> Experiment | CustomLoop:
+    def build(self, cfg: Any, ctx: BuildContext) -> Experiment:
         raise NotImplementedError

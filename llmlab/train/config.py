@@ -38,7 +38,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # How processes share the work (llmlab/train/strategy.py): ddp; our ZeRO stage 1/2/3 (llmlab/parallel);
     # PyTorch's FSDP2 (fully_shard per block); DeepSpeed (stage `ds_stage`, offload `offload`)
-    strategy: Literal["ddp", "zero1", "zero2", "zero3", "fsdp2", "deepspeed"] = "ddp"
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "fsdp2", "deepspeed", "accelerate"] = "ddp"
     ds_stage: int = 2  # strategy=deepspeed: ZeRO stage 0 (plain data parallel), 1, 2 or 3
     # strategy=deepspeed: move optimizer states (and, at stage 3, parameters too: "all") to CPU memory
     offload: Literal["none", "optimizer", "all"] = "none"

@@ -14,6 +14,8 @@ A strategy decides what those mean:
   then parameters sharded over the processes. Checkpoints hold the *full* weights and the *full* optimizer
   state (gathered, in torch's own state_dict layout), so a ZeRO run resumes under any number of processes or
   under `ddp`, and `ddp` checkpoints resume under ZeRO.
+- `accelerate` — Hugging Face Accelerate's engine (`prepare`, `backward`, `no_sync`, `clip_grad_norm_`):
+  DDP underneath, the same full state as `ddp` (llmlab/train/strategy_accelerate.py).
 
 Reference points: PyTorch's DDP notes; DeepSpeed's engine (`backward`, `step`, `save_checkpoint`), of which
 this is the minimal shape; FSDP2 and DeepSpeed themselves come in as further strategies.
@@ -34,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from llmlab.config import ConfigError
 from llmlab.train.distributed import DistEnv, average_gradients_
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "deepspeed")
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "deepspeed", "accelerate")
 
 
 def check_config(cfg: Any, model: nn.Module, env: DistEnv, precision: str) -> None:
@@ -54,6 +56,11 @@ def check_config(cfg: Any, model: nn.Module, env: DistEnv, precision: str) -> No
         raise ConfigError(f"unknown train.strategy {cfg.strategy!r}: one of {', '.join(STRATEGIES)}")
     if cfg.offload != "none" and cfg.strategy != "deepspeed":
         raise ConfigError(f"train.offload={cfg.offload} is a DeepSpeed feature: set train.strategy=deepspeed")
+    if cfg.strategy == "accelerate":
+        from llmlab.train.strategy_accelerate import check_accelerate
+
+        check_accelerate(cfg, manual, env, precision)
+        return
     if cfg.strategy in ("fsdp2", "deepspeed"):
         _check_engine(cfg, model, manual, precision)
         return
@@ -78,8 +85,6 @@ def check_config(cfg: Any, model: nn.Module, env: DistEnv, precision: str) -> No
             f"train.strategy=zero3: {type(model).__name__} does not name the blocks to gather one at a time "
             "(a `shard_units()` method; the GPT models have it)"
         )
-    if stage == 3 and cfg.activation_checkpointing:
-        raise ConfigError("train.strategy=zero3 with train.activation_checkpointing is not supported yet")
 
 
 def _check_engine(cfg: Any, model: nn.Module, manual: bool, precision: str) -> None:
@@ -319,4 +324,8 @@ def make_strategy(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, 
         from llmlab.train.strategy_deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(model, optimizer, env, device, cfg, precision)
+    if name == "accelerate":
+        from llmlab.train.strategy_accelerate import AccelerateStrategy
+
+        return AccelerateStrategy(model, optimizer, env, device, precision)
     raise ValueError(f"unknown train.strategy {name!r}: one of {', '.join(STRATEGIES)}")

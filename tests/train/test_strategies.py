@@ -78,6 +78,14 @@ ENGINES = {
     "deepspeed3": ["train.strategy=deepspeed", "train.ds_stage=3"],
     "deepspeed2-offload": ["train.strategy=deepspeed", "train.ds_stage=2", "train.offload=optimizer"],
     "deepspeed3-offload-all": ["train.strategy=deepspeed", "train.ds_stage=3", "train.offload=all"],
+    # parameters gathered again when a checkpointed block is recomputed in backward
+    "zero3-checkpointing": ["train.strategy=zero3", "train.activation_checkpointing=true"],
+    "fsdp2-checkpointing": ["train.strategy=fsdp2", "train.activation_checkpointing=true"],
+    "deepspeed3-checkpointing": [
+        "train.strategy=deepspeed",
+        "train.ds_stage=3",
+        "train.activation_checkpointing=true",
+    ],
 }
 RESUMED = {"fsdp2", "deepspeed0", "deepspeed2", "deepspeed3"}
 
