@@ -43,6 +43,11 @@ later process (evaluation, sampling, serving) decodes with exactly the same one.
   start of each text, so that "hello" and " hello" stay different and the round trip is exact for any text;
   the special tokens of subword (<pad>, <s>, </s>, <unk> at 0-3) stay in the vocabulary, and their strings in
   a text encode as the ordinary characters they are.
+
+A fifth kind is only read, never built from a name: "pretrained" (`PretrainedTokenizer`), the tokenizer of a
+pretrained Hugging Face model directory used as it is (`tokenizer.json`, or GPT-2's `vocab.json` +
+`merges.txt` as a byte-level BPE), what `gpt-finetune init_from=HF_DIR` trains with (llmlab/recipes/
+gpt_finetune.py); encoding adds no special tokens, decoding keeps them.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from llmlab.fileio import atomic_write_text
 
 FORMAT = "llmlab-text-tokenizer"
 FORMAT_VERSION = 1
-KINDS = ("char", "gpt2", "bert-chinese", "bpe")
+KINDS = ("char", "gpt2", "bert-chinese", "bpe")  # what build_tokenizer makes (files also hold "pretrained")
 
 GPT2_FILE = "tokenizers/gpt2/tokenizer.json"
 GPT2_VOCAB_SIZE = 50257
@@ -82,6 +87,7 @@ __all__ = [
     "CharTokenizer",
     "Gpt2Tokenizer",
     "KINDS",
+    "PretrainedTokenizer",
     "TextTokenizer",
     "TokenizerError",
     "build_tokenizer",
@@ -161,7 +167,7 @@ def tokenizer_from_json(text: str, where: str = "tokenizer JSON") -> TextTokeniz
         )
     kind = obj.get("kind")
     if kind not in _CLASSES:
-        raise TokenizerError(f"{where}: unknown tokenizer kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        raise TokenizerError(f"{where}: unknown tokenizer kind {kind!r}; known kinds: {', '.join(_CLASSES)}")
     try:
         return _CLASSES[kind].from_payload(obj)
     except TokenizerError:
@@ -533,10 +539,72 @@ class BpeTokenizer(_HfTokenizer):
         return self.tok.decode(self._check_ids(ids), skip_special_tokens=True)
 
 
+class PretrainedTokenizer(_HfTokenizer):
+    """The tokenizer of a pretrained Hugging Face model directory, used as it is (see the module docstring).
+
+    `label` says where it came from (saved with it), e.g. "gpt2-tokenizer.json"."""
+
+    kind = "pretrained"
+
+    def __init__(self, tok, label: str = "pretrained") -> None:
+        super().__init__(tok)
+        self.label = label
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PretrainedTokenizer:
+        """From an HF `tokenizer.json`; DataCorruptError when `tokenizers` cannot read it."""
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception
+            raise DataCorruptError(
+                f"{path}: not a usable tokenizer.json ({type(e).__name__}: {e})", path=path
+            ) from e
+        return cls(tok, f"{path.parent.name}/{path.name}")
+
+    @classmethod
+    def from_bpe_files(cls, vocab: str | Path, merges: str | Path) -> PretrainedTokenizer:
+        """GPT-2's slow-tokenizer files (vocab.json + merges.txt) as a byte-level BPE, as GPT2TokenizerFast
+        converts them: no prefix space, the ByteLevel decoder, `<|endoftext|>` special when present."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        vocab, merges = Path(vocab), Path(merges)
+        try:
+            tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as e:
+            raise DataCorruptError(f"{vocab}, {merges}: not a byte-level BPE ({type(e).__name__}: {e})",
+                                   path=vocab) from e  # fmt: skip
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        if tok.token_to_id(GPT2_EOT) is not None:
+            tok.add_special_tokens([AddedToken(GPT2_EOT, special=True)])
+        return cls(tok, f"{vocab.parent.name}/{vocab.name}+{merges.name}")
+
+    @property
+    def name(self) -> str:
+        return f"pretrained-{self.vocab_size} ({self.label})"
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(self._check_ids(ids), skip_special_tokens=False)
+
+    def _payload(self) -> dict[str, Any]:
+        return {**super()._payload(), "label": self.label}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> PretrainedTokenizer:
+        return cls(_hf_from_obj(payload["tokenizer"]), payload.get("label", "pretrained"))
+
+
 _CLASSES: dict[str, type[TextTokenizer]] = {
     "char": CharTokenizer,
     "gpt2": Gpt2Tokenizer,
     "bert-chinese": BertChineseTokenizer,
     "bpe": BpeTokenizer,
+    "pretrained": PretrainedTokenizer,
 }
-assert tuple(_CLASSES) == KINDS
+assert tuple(_CLASSES)[: len(KINDS)] == KINDS

@@ -8,7 +8,8 @@ from llmlab.config import ConfigError
 from llmlab.recipes.agnews_bert import AgNewsBert
 from llmlab.recipes.base import BuildContext, Experiment, Recipe, Target
 from llmlab.recipes.cifar10_resnet import Cifar10ResNet18, Cifar10ResNet20
-from llmlab.recipes.gpt_lm import ShakespeareGPT
+from llmlab.recipes.gpt_finetune import GPTFinetune
+from llmlab.recipes.gpt_lm import ChineseGPT, ShakespeareGPT
 from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
 from llmlab.recipes.mnist_mlp import MnistMLP
 from llmlab.recipes.translation import IwsltTransformer, Multi30kTransformer
@@ -25,6 +26,8 @@ RECIPES: dict[str, Recipe] = {
         Multi30kTransformer(),
         IwsltTransformer(),
         ShakespeareGPT(),
+        ChineseGPT(),
+        GPTFinetune(),
     )
 }
 
