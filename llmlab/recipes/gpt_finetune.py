@@ -131,7 +131,8 @@ def _zh_poetry() -> FinetuneConfig:
     """The `gpt-pretrain --preset cpu` model on the Tang poems, DeepSpeed ZeRO-2 on 2 CPU processes. The
     novels' character vocabulary lacks the poems' traditional characters (27.2% of them): they are added
     (unknown_chars=extend). 1,000 steps of 16 windows (2 M characters, 0.6 passes over the poems) at 1e-3
-    (half the pretraining rate: the new embedding rows start from nothing). Not measured yet: no target."""
+    (half the pretraining rate: the new embedding rows start from nothing). Measured: val loss 8.03 -> 5.37
+    nats per character in 11 minutes (docs/results.md); no target is claimed."""
     return FinetuneConfig(
         init_from=None,  # required: the gpt-pretrain run directory
         model=FinetuneModelConfig(dropout=0.0),

@@ -12,6 +12,7 @@ import torch
 
 from llmlab.cli import main
 from llmlab.runner import run
+from tests.runs import relative_diff, torchrun_llmlab, train_rows
 
 
 @pytest.fixture(scope="module")
@@ -104,29 +105,12 @@ def test_memory_switches_fp16_loss_scale_and_activation_checkpointing(tmp_path):
     assert not (tmp_path / "m").exists()  # refused before anything was written
 
 
-def _torchrun(args: list[str], nproc: int = 2) -> None:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "LLMLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    done = subprocess.run([*cmd, "-m", "llmlab", *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 ZERO_ARGS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.checkpoint_every=10"]
 ZERO_ARGS += ["optim.lr=1e-3"]
 
 
 def _losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
-
-
-def _relative(a: dict, b: dict) -> float:
-    diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
-    return diff / sum(float((a[k] ** 2).sum()) for k in a) ** 0.5
+    return [r["loss"] for r in train_rows(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -151,21 +135,21 @@ def test_our_zero_under_torchrun_takes_the_steps_of_one_process_and_resumes(
 
     out = tmp_path / strategy
     args = ["run", "shakespeare-gpt", "--preset", "smoke", "--device", "cpu", *ZERO_ARGS]
-    _torchrun([*args, f"train.strategy={strategy}", "--out", str(out)])
+    torchrun_llmlab([*args, f"train.strategy={strategy}", "--out", str(out)])
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["status"] == "completed"
     la, lb = _losses(one_process_run), _losses(out)
     assert len(la) == len(lb) == 20
     assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-5
     a, b = load_weights(one_process_run / "model.safetensors"), load_weights(out / "model.safetensors")
-    assert a.keys() == b.keys() and _relative(a, b) < 1e-5
+    assert a.keys() == b.keys() and relative_diff(a, b) < 1e-5
     # Interrupt after step 10 (drop the last checkpoint), resume under the same strategy: bit for bit.
     import shutil
 
     ckpts = out / "checkpoints"
     (ckpts / "latest").unlink()
     shutil.rmtree(ckpts / "step_00000020")
-    _torchrun([*args, f"train.strategy={strategy}", "--out", str(out), "--resume"])
+    torchrun_llmlab([*args, f"train.strategy={strategy}", "--out", str(out), "--resume"])
     c = load_weights(out / "model.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
 
@@ -201,13 +185,13 @@ def test_a_zero_checkpoint_resumes_under_another_number_of_processes(one_process
         *ZERO_ARGS,
         "train.strategy=zero2",
     ]
-    _torchrun([*args, "--out", str(out)], nproc=2)
+    torchrun_llmlab([*args, "--out", str(out)], nproc=2)
     (out / "checkpoints" / "latest").unlink()
     shutil.rmtree(out / "checkpoints" / "step_00000020")
-    _torchrun([*args, "--out", str(out), "--resume"], nproc=4)
+    torchrun_llmlab([*args, "--out", str(out), "--resume"], nproc=4)
     assert json.loads((out / "result.json").read_text())["world_size"] == 4
     a, b = load_weights(one_process_run / "model.safetensors"), load_weights(out / "model.safetensors")
-    assert _relative(a, b) < 1e-5
+    assert relative_diff(a, b) < 1e-5
     assert (
         max(abs(x - y) for x, y in zip(_losses(one_process_run)[10:], _losses(out)[-10:], strict=True)) < 1e-5
     )

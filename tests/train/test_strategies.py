@@ -12,10 +12,7 @@ step on the half batch one rank sees alone, moves both by ~2e-2 (measured there)
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,27 +21,11 @@ import torch
 from llmlab.cli import main
 from llmlab.runner import run
 from llmlab.train.checkpoint import load_weights
+from tests.runs import relative_diff, torchrun_llmlab, train_rows
 
 ARGS = ["train.max_steps=20", "train.log_every=1", "train.eval_every=10", "train.checkpoint_every=10"]
 ARGS += ["optim.lr=1e-3", "train.grad_clip=0.5"]
 RUN = ["run", "shakespeare-gpt", "--preset", "smoke", "--device", "cpu", *ARGS]
-
-
-def _torchrun(args: list[str], nproc: int = 2) -> None:
-    env = {**os.environ, "LLMLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    done = subprocess.run([*cmd, "-m", "llmlab", *args], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _train_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"]
-
-
-def _relative(a: dict, b: dict) -> float:
-    diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
-    return diff / sum(float((a[k] ** 2).sum()) for k in a) ** 0.5
 
 
 def _drop_last_checkpoint(run_dir: Path) -> None:
@@ -61,13 +42,13 @@ def plain(tmp_path_factory) -> Path:
 
 
 def _assert_follows(plain: Path, out: Path) -> None:
-    a_rows, b_rows = _train_rows(plain), _train_rows(out)
+    a_rows, b_rows = train_rows(plain), train_rows(out)
     assert len(a_rows) == len(b_rows) == 20
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a_rows, b_rows, strict=True)) < 1e-5
     # the gradient norm before clipping, as each engine computes it over its shards
     assert max(abs(x["grad_norm"] - y["grad_norm"]) for x, y in zip(a_rows, b_rows, strict=True)) < 1e-5
     a, b = load_weights(plain / "model.safetensors"), load_weights(out / "model.safetensors")
-    assert a.keys() == b.keys() and _relative(a, b) < 1e-5
+    assert a.keys() == b.keys() and relative_diff(a, b) < 1e-5
 
 
 ENGINES = {
@@ -94,7 +75,7 @@ RESUMED = {"fsdp2", "deepspeed0", "deepspeed2", "deepspeed3"}
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_two_processes_follow_one_and_resume_bit_for_bit(plain, tmp_path, engine):
     out = tmp_path / engine
-    _torchrun([*RUN, *ENGINES[engine], "--out", str(out)])
+    torchrun_llmlab([*RUN, *ENGINES[engine], "--out", str(out)])
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["status"] == "completed"
     _assert_follows(plain, out)
@@ -103,7 +84,7 @@ def test_two_processes_follow_one_and_resume_bit_for_bit(plain, tmp_path, engine
         return
     done = load_weights(out / "model.safetensors")
     _drop_last_checkpoint(out)
-    _torchrun([*RUN, *ENGINES[engine], "--out", str(out), "--resume"])
+    torchrun_llmlab([*RUN, *ENGINES[engine], "--out", str(out), "--resume"])
     again = load_weights(out / "model.safetensors")
     assert all(torch.equal(done[k], again[k]) for k in done)
 
@@ -113,16 +94,16 @@ def test_checkpoints_move_between_engines(plain, tmp_path):
     """One format for every engine: an FSDP2 run stopped at step 10 continues under DeepSpeed ZeRO-3, and
     a DeepSpeed ZeRO-2 run's checkpoint continues on one plain process; both end where the plain run does."""
     out = tmp_path / "moved"
-    _torchrun([*RUN, *ENGINES["fsdp2"], "--out", str(out)])
+    torchrun_llmlab([*RUN, *ENGINES["fsdp2"], "--out", str(out)])
     _drop_last_checkpoint(out)
-    _torchrun([*RUN, *ENGINES["deepspeed3"], "--out", str(out), "--resume"])
+    torchrun_llmlab([*RUN, *ENGINES["deepspeed3"], "--out", str(out), "--resume"])
     _assert_follows(plain, out)
     record = json.loads((out / "config.json").read_text())  # says what it finished under, and the start
     assert record["config"]["train"]["strategy"] == "deepspeed" and record["config"]["train"]["ds_stage"] == 3
     assert record["resumed_from_engine"] == [{"train.strategy": "fsdp2", "train.ds_stage": 2}]
 
     out2 = tmp_path / "to-one"
-    _torchrun([*RUN, *ENGINES["deepspeed2"], "--out", str(out2)])
+    torchrun_llmlab([*RUN, *ENGINES["deepspeed2"], "--out", str(out2)])
     _drop_last_checkpoint(out2)
     assert main([*RUN, "--out", str(out2), "--resume"]) == 0
     _assert_follows(plain, out2)
