@@ -151,6 +151,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        # Self-attention computes q, k, v with one stacked GEMM (`_project_qkv`); False calls the three
+        # projections one by one (the same numbers up to rounding; DeepSpeed ZeRO-3 runs both ways)
+        self.fused_qkv = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -184,14 +187,19 @@ class MultiHeadAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         b, t, _ = query.shape
-        q = self._split_heads(self.q_proj(query))  # [B, h, T, d_k]
-        if cache is not None and static_kv and cache.k is not None:
-            k, v = cache.k, cache.v  # [B, h, S, d_k]: the encoder's, projected at the first step
-        else:
-            k = self._split_heads(self.k_proj(key))  # [B, h, S_new, d_k]
-            v = self._split_heads(self.v_proj(value))  # [B, h, S_new, d_k]
+        if self.fused_qkv and key is query and value is query and not static_kv:
+            q, k, v = self._project_qkv(query)  # [B, h, T, d_k] each
             if cache is not None:
                 k, v = cache.append(k, v)  # [B, h, S, d_k]
+        else:
+            q = self._split_heads(self.q_proj(query))  # [B, h, T, d_k]
+            if cache is not None and static_kv and cache.k is not None:
+                k, v = cache.k, cache.v  # [B, h, S, d_k]: the encoder's, projected at the first step
+            else:
+                k = self._split_heads(self.k_proj(key))  # [B, h, S_new, d_k]
+                v = self._split_heads(self.v_proj(value))  # [B, h, S_new, d_k]
+                if cache is not None:
+                    k, v = cache.append(k, v)  # [B, h, S, d_k]
         s = k.shape[2]
         if need_weights or self.impl == "naive":
             mask = build_attention_mask(
@@ -210,6 +218,17 @@ class MultiHeadAttention(nn.Module):
             out, weights = self._fused(q, k, v, key_padding_mask, attn_mask, is_causal), None
         out = out.transpose(1, 2).reshape(b, t, self.embed_dim)  # [B, h, T, d_k] -> [B, T, d_model]
         return self.out_proj(out), (weights if need_weights else None)  # [B, T, d_model]
+
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's three projections as ONE matrix product with the stacked [3d, d] weight (what
+        GPT-2's `c_attn` and torch's `in_proj_weight` store): one GEMM instead of three small ones, forward and
+        backward. The stacking copies 3·d² numbers per call, small next to the GEMM's T·B·3·d² multiply-adds."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # [3d, d]
+        bias = None
+        if self.q_proj.bias is not None:
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])  # [3d]
+        q, k, v = F.linear(x, w, bias).split(self.embed_dim, dim=-1)  # [B, T, 3d] -> 3 x [B, T, d]
+        return self._split_heads(q), self._split_heads(k), self._split_heads(v)  # [B, h, T, d_k] each
 
     def _naive(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         scores = (q @ k.transpose(-2, -1)) * self.scale  # [B, h, T, d_k] @ [B, h, d_k, S] -> [B, h, T, S]

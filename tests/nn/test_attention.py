@@ -4,7 +4,7 @@ naive == fused, and cached decoding == recomputing the prefix.
 Comparisons run in float64 on outputs, per-head attention weights and the gradients of every parameter and
 every input (of a random weighted sum of the outputs, so each output element carries its own weight). Both
 sides compute the same formulas and differ only in rounding: torch scales q before Q Kᵀ, we scale the scores;
-its in-projection is one [3d, d] matmul, ours three [d, d] ones. That is a few ulps of O(1) values (~1e-16);
+for cross-attention its in-projection is one [3d, d] matmul, ours three [d, d] ones. That is a few ulps of O(1) values (~1e-16);
 through one softmax and two matmuls of width <= 16 it stays below 1e-14, so TOL = 1e-12 keeps two orders of
 margin while a wrong scale (1/d instead of 1/√d), a missing mask or a transposed head split moves values by
 ~1e-1.
@@ -150,6 +150,46 @@ def test_self_attention_with_is_causal_equals_explicit_mask(impl):
     out_ref, _ = ref(x, x, x, attn_mask=causal, is_causal=True)
     out, _ = ours(x, is_causal=True)
     assert (out - out_ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_attention_stacked_qkv_equals_torch_forward_and_backward(impl, bias):
+    """Self-attention (key and value are the query) takes the stacked [3d, d] GEMM: against torch's
+    in_proj, every gradient regrouped, including the input's (which sums three paths)."""
+    ours, ref = _twins(bias=bias)
+    ours.impl = impl
+    x = torch.randn(B, T, E, dtype=DT, generator=_gen(3)).requires_grad_(True)
+    causal = nn.Transformer.generate_square_subsequent_mask(T, dtype=DT)
+    out_ref, _ = ref(x, x, x, attn_mask=causal)
+    out, _ = ours(x, is_causal=True)
+    assert (out - out_ref).abs().max() <= TOL
+    g_ref = _ref_grads(ref, out_ref, (x,))
+    g_ours = _param_grads_in_ref_layout(ours, _ref_grads(ours, out, (x,)), 1, True)
+    for name, a, b in zip(["x"] + _ref_param_order(ref), g_ours, g_ref, strict=True):
+        assert (a - b).abs().max() <= TOL, name
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_stacked_qkv_equals_three_projections(cached):
+    """`fused_qkv=False` calls q_proj, k_proj, v_proj one by one: the same outputs, gradients and cache."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(E, H).to(DT)
+    x = torch.randn(B, T, E, dtype=DT, generator=_gen(4)).requires_grad_(True)
+    results = []
+    for fused in (True, False):
+        m.fused_qkv = fused
+        cache = KVCache() if cached else None
+        out = m(x[:, :2], is_causal=True, cache=cache)[0]
+        if cached:  # a prompt, then one new position after it
+            out = torch.cat([out, m(x[:, 2:3], is_causal=True, cache=cache)[0]], dim=1)
+        results.append((out, _ref_grads(m, out, (x,)), cache))
+    (a, ga, ca), (b, gb, cb) = results
+    assert (a - b).abs().max() <= TOL
+    for u, w in zip(ga, gb, strict=True):
+        assert (u - w).abs().max() <= TOL
+    if cached:
+        assert (ca.k - cb.k).abs().max() <= TOL and (ca.v - cb.v).abs().max() <= TOL
 
 
 # ----------------------------------------------------------------------------------------------------------
