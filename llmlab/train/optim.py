@@ -36,12 +36,28 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         from llmlab.nn.manual import ManualSGD
 
         return ManualSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    if cfg.name == "adam":
+    if cfg.name in ("adamw", "adam"):
         # Adam's weight decay is L2 added to the gradient (coupled), unlike AdamW's decoupled decay.
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **_adam_impl(cfg.impl, groups))
     raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def _adam_impl(impl: str, groups: list[dict]) -> dict[str, bool]:
+    """torch's implementation switches. Off CUDA torch defaults to the per-tensor for-loop; the fused kernel
+    (one pass over each tensor, on CPU since torch 2.4) computes the same update and is what "auto" picks
+    where every parameter is a floating-point tensor on a device that has it."""
+    if impl == "for-loop":
+        return {"foreach": False}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "fused":
+        return {"fused": True}
+    supported = ("cpu", "cuda", "xpu", "mps")
+    params = [p for g in groups for p in g["params"]]
+    if params and all(p.is_floating_point() and p.device.type in supported for p in params):
+        return {"fused": True}
+    return {}
 
 
 @dataclass
