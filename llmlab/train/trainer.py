@@ -219,7 +219,8 @@ class Trainer:
     # ----------------------------------------------------------------- the step
     def train_step(self, batch: Any) -> StepOutput:
         """One optimizer step on one global batch (this process's share of it)."""
-        self.model.train()
+        if not self.model.training:  # after an evaluation (train() walks every module: ~1 ms a step here)
+            self.model.train()
         batch = to_device(batch, self.device)
         micro_batches = split_batch(batch, self.cfg.grad_accum)
         units = [self._units(m) for m in micro_batches]
