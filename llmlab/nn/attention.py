@@ -221,8 +221,8 @@ class MultiHeadAttention(nn.Module):
 
     def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention's three projections as ONE matrix product with the stacked [3d, d] weight (what
-        GPT-2's `c_attn` and torch's `in_proj_weight` store): one GEMM instead of three small ones, forward and
-        backward. The stacking copies 3·d² numbers per call, small next to the GEMM's T·B·3·d² multiply-adds."""
+        GPT-2's `c_attn` and torch's `in_proj_weight` store): one GEMM instead of three small ones, forward
+        and backward. Stacking copies 3·d² numbers per call; the GEMM does B·T·3·d² multiply-adds."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # [3d, d]
         bias = None
         if self.q_proj.bias is not None:

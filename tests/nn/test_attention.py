@@ -4,10 +4,10 @@ naive == fused, and cached decoding == recomputing the prefix.
 Comparisons run in float64 on outputs, per-head attention weights and the gradients of every parameter and
 every input (of a random weighted sum of the outputs, so each output element carries its own weight). Both
 sides compute the same formulas and differ only in rounding: torch scales q before Q Kᵀ, we scale the scores;
-for cross-attention its in-projection is one [3d, d] matmul, ours three [d, d] ones. That is a few ulps of O(1) values (~1e-16);
-through one softmax and two matmuls of width <= 16 it stays below 1e-14, so TOL = 1e-12 keeps two orders of
-margin while a wrong scale (1/d instead of 1/√d), a missing mask or a transposed head split moves values by
-~1e-1.
+for cross-attention its in-projection is one [3d, d] matmul, ours three [d, d] ones. That is a few ulps of
+O(1) values (~1e-16); through one softmax and two matmuls of width <= 16 it stays below 1e-14, so
+TOL = 1e-12 keeps two orders of margin while a wrong scale (1/d instead of 1/√d), a missing mask or a
+transposed head split moves values by ~1e-1.
 """
 
 from __future__ import annotations
