@@ -16,8 +16,9 @@ off, checkpointing on and off):
 - the residual stream is fp32 even under autocast (the parameters are fp32, autocast keeps them so, and
   fp32 + bf16 promotes), and LayerNorm runs in fp32: each LayerNorm input costs 4sbh, plus its mean and
   rstd (2·4·sb);
-- autocast casts the LayerNorm output to 16 bits once per Linear that reads it: q_proj, k_proj and v_proj
-  each save their own copy (3·2sbh where the paper has 2sbh); in fp32 the three share one tensor (4sbh);
+- q, k and v come from ONE GEMM with the stacked [3h, h] weight (llmlab/nn/attention.py `_project_qkv`), which
+  saves its input once: 4sbh in fp32, 2sbh under autocast (its 16-bit cast), as the paper counts. With the
+  three projections called one by one (`fused_qkv=False`) autocast casts the input once per Linear (3·2sbh);
 - the fused path (`F.scaled_dot_product_attention`, a flash-type kernel) saves Q, K, V, its output and the
   log-sum-exp [b, a, s] in fp32 — no s² term; its output is laid out [b, s, a, d], so the out_proj input is a
   view of it, not a copy. On a CPU with dropout > 0 the kernel is not used: the math fallback saves what the
@@ -32,7 +33,8 @@ off, checkpointing on and off):
   [b, s, V] in fp32 (CausalLMTask upcasts the logits; the paper's §4.3 also counts 4sbv bytes here) with the
   int64 targets;
 - not activations, reported apart: under autocast each Linear saves a 16-bit cast of its weight (the tied
-  LM head included): 2 bytes per weight element, alive from the layer's forward to its backward.
+  LM head included): 2 bytes per weight element, alive from the layer's forward to its backward; in fp32
+  the stacked q/k/v GEMM saves its concatenated weight, 4·3h² bytes per layer.
 
 Activation checkpointing (Chen et al. 2016; Korthikanti et al. §4.2 "full recomputation", 2sbh per layer in
 16 bits): each block keeps only its input (4sbh here, the fp32 residual), and backward rebuilds one block's
@@ -76,6 +78,7 @@ class ActivationShape:
     precision: Precision = "fp32"  # fp32, or bf16 / fp16 autocast over fp32 weights (our Trainer)
     device: DeviceKind = "cpu"
     checkpointing: bool = False
+    fused_qkv: bool = True  # q, k, v from one stacked GEMM (MultiHeadAttention.fused_qkv)
 
     def __post_init__(self) -> None:
         if min(self.batch, self.seq, self.hidden, self.heads, self.layers, self.vocab) < 1:
@@ -173,8 +176,9 @@ def layer_terms(s: ActivationShape) -> list[Term]:
     terms = [
         Term("ln_1 input (the block input)", bsh, 4, formula="4bsh"),  # [b, s, h] fp32 residual
         Term("ln_1 mean and rstd", 2 * b * t, 4, formula="8bs"),  # 2 × [b, s, 1] fp32
-        # fp32: q/k/v_proj share the LayerNorm output; autocast: each Linear saves its own 16-bit cast
-        Term("q/k/v_proj input (ln_1 output)", bsh, e, 1 if fp32 else 3, "4bsh" if fp32 else "3·2bsh"),
+        # one stacked GEMM, or fp32: one saved LayerNorm output; autocast + three Linears: a 16-bit cast each
+        Term("q/k/v_proj input (ln_1 output)", bsh, e, 1 if fp32 or s.fused_qkv else 3,
+             f"{e}bsh" if fp32 or s.fused_qkv else "3·2bsh"),  # fmt: skip
     ]
     if _kernel_attention(s):
         lse_t = t if s.device == "cpu" or not fp32 else 32 * math.ceil(t / 32)  # mem-efficient pads s
@@ -250,4 +254,6 @@ def estimate_activations(s: ActivationShape) -> ActivationEstimate:
         # (inside checkpointed blocks they are recomputed), and the tied LM head (V·h)
         blocks = 0 if s.checkpointing else n * 12 * h * h
         est.param_copies = 2 * (blocks + v * h)
+    elif s.fused_qkv and not s.checkpointing:
+        est.param_copies = 4 * n * 3 * h * h  # the stacked fp32 q/k/v weight each block's GEMM saves
     return est

@@ -71,21 +71,21 @@ def _storage_bytes(t: Tensor) -> int:
 
 
 def _param_derived(t: Tensor) -> bool:
-    """Whether `t` is a cast and/or view of an nn.Parameter (autocast's weight copies)."""
-    fn = t.grad_fn
-    for _ in range(8):
-        if fn is None:
-            return False
-        name = type(fn).__name__
-        if name == "AccumulateGrad":
-            return isinstance(getattr(fn, "variable", None), nn.Parameter)
-        if name not in _CAST_OR_VIEW:
-            return False
-        nexts = [f for f, _ in fn.next_functions if f is not None]
-        if len(nexts) != 1:
-            return False
-        fn = nexts[0]
-    return False
+    """Whether `t` is made of nn.Parameters by casts, views and concatenations only: autocast's 16-bit weight
+    copies, and the stacked q/k/v weight of llmlab's attention (`torch.cat` of three parameters)."""
+    return t.grad_fn is not None and _from_params(t.grad_fn, depth=8)
+
+
+def _from_params(fn: Any, depth: int) -> bool:
+    name = type(fn).__name__
+    if name == "AccumulateGrad":
+        return isinstance(getattr(fn, "variable", None), nn.Parameter)
+    if depth == 0 or (name not in _CAST_OR_VIEW and name != "CatBackward0"):
+        return False
+    nexts = [f for f, _ in fn.next_functions if f is not None]
+    if len(nexts) != 1 and name != "CatBackward0":
+        return False
+    return bool(nexts) and all(_from_params(f, depth - 1) for f in nexts)
 
 
 class _Held:

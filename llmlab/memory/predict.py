@@ -205,6 +205,11 @@ def predict_states(
         largest = max(sum(numels[i] for i in u) for u in units)
         out.transient = p_bytes * (root + largest)
         out.notes.append("stage 3 gathers the root (embeddings, final norm, head) and one block at a time")
+        if layout.strategy.startswith("deepspeed"):
+            out.notes.append(
+                "DeepSpeed ZeRO-3: the saved-tensor meter undercounts activations (autograd releases part "
+                "of the packed tensors during the forward under its hooks); RSS / CUDA peak are the reference"
+            )
     if paper:
         out.notes.append("DeepSpeed-style mixed precision: 16-bit params and grads, fp32 master + states")
     elif master:
@@ -352,6 +357,7 @@ def predict_for_model(
             precision=precision,  # type: ignore[arg-type]
             device="cuda" if str(device).startswith("cuda") else "cpu",
             checkpointing=bool(model.activation_checkpointing),
+            fused_qkv=all(block.attn.fused_qkv for block in model.transformer.h),
         )  # fmt: skip
         activations = estimate_activations(shape)
         if layout.precision_model == "zero-paper" and precision != "fp32":

@@ -28,13 +28,15 @@ MEDIUM = (4, 128, 4, 64, 4, 65)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _measure(dims, attention, precision, dropout, checkpointing):
+def _measure(dims, attention, precision, dropout, checkpointing, fused_qkv=True):
     layers, hidden, heads, seq, batch, vocab = dims
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=vocab, block_size=seq, n_layer=layers, n_head=heads, n_embd=hidden,
                     dropout=dropout, attention=attention, activation="gelu")  # fmt: skip
     model = GPT(cfg).train()
     model.set_activation_checkpointing(checkpointing)
+    for block in model.transformer.h:
+        block.attn.fused_qkv = fused_qkv
     x = torch.randint(0, vocab, (batch, seq))  # [b, s]
     y = torch.randint(0, vocab, (batch, seq))  # [b, s]
     amp = torch.autocast("cpu", dtype=DTYPES.get(precision, torch.bfloat16), enabled=precision != "fp32")
@@ -43,7 +45,7 @@ def _measure(dims, attention, precision, dropout, checkpointing):
             out = CausalLMTask().step(model, (x, y))
         out.loss.backward()
     shape = ActivationShape(batch, seq, hidden, heads, layers, vocab, dropout, attention, precision, "cpu",
-                            checkpointing)  # fmt: skip
+                            checkpointing, fused_qkv)  # fmt: skip
     return meter, estimate_activations(shape)
 
 
@@ -52,11 +54,14 @@ CASES = [
     for dims in (TINY, MEDIUM)
     for rest in itertools.product(("fused", "naive"), ("fp32", "bf16"), (0.0, 0.1), (False, True))
 ] + [(TINY, att, "fp16", 0.1, ck) for att in ("fused", "naive") for ck in (False, True)]
+# q, k, v through three separate Linears (MultiHeadAttention.fused_qkv = False): other saved casts
+CASES = [(*c, True) for c in CASES] + [(MEDIUM, att, p, 0.0, False, False) for att in ("fused", "naive")
+                                       for p in ("fp32", "bf16")]  # fmt: skip
 
 
-@pytest.mark.parametrize("dims, attention, precision, dropout, checkpointing", CASES)
-def test_formula_equals_saved_tensors(dims, attention, precision, dropout, checkpointing):
-    meter, est = _measure(dims, attention, precision, dropout, checkpointing)
+@pytest.mark.parametrize("dims, attention, precision, dropout, checkpointing, fused_qkv", CASES)
+def test_formula_equals_saved_tensors(dims, attention, precision, dropout, checkpointing, fused_qkv):
+    meter, est = _measure(dims, attention, precision, dropout, checkpointing, fused_qkv)
     assert meter.peak_activations == pytest.approx(est.stored, rel=TOL)
     assert meter.peak_param_copies == pytest.approx(est.param_copies, rel=TOL, abs=0)
     assert meter.current == {"activation": 0, "param_copy": 0}  # backward released every saved tensor
@@ -82,13 +87,16 @@ def test_checkpointing_keeps_block_inputs_and_recomputes_one_block():
 
 def test_relation_to_korthikanti_per_layer_formula():
     """In Korthikanti et al.'s own setting (16-bit, CUDA bool masks, naive attention with dropout) our layer
-    saves their 34sbh + 5as²b plus: 4sbh for fp32 LayerNorm inputs, 4sbh for q/k/v_proj's three separate
-    16-bit casts of their input, 2as²b for the softmax autocast runs in fp32, and 16bs of LayerNorm
-    statistics (which they do not count)."""
+    saves their 34sbh + 5as²b plus: 4sbh for fp32 LayerNorm inputs, 2as²b for the softmax autocast runs in
+    fp32, and 16bs of LayerNorm statistics (which they do not count). With the q/k/v projections called one
+    by one (fused_qkv=False) each saves its own 16-bit cast of the input: 4sbh more."""
     b, s, h, a = 8, 1024, 768, 12
+    paper = 34 * s * b * h + 5 * a * s * s * b
     shape = ActivationShape(b, s, h, a, 12, 50257, 0.1, "naive", "bf16", "cuda")
     ours = sum(t.bytes for t in layer_terms(shape))
-    paper = 34 * s * b * h + 5 * a * s * s * b
+    assert ours == paper + 4 * s * b * h + 2 * a * s * s * b + 16 * b * s
+    shape = ActivationShape(b, s, h, a, 12, 50257, 0.1, "naive", "bf16", "cuda", fused_qkv=False)
+    ours = sum(t.bytes for t in layer_terms(shape))
     assert ours == paper + 4 * s * b * h + 4 * s * b * h + 2 * a * s * s * b + 16 * b * s
 
 
