@@ -137,22 +137,20 @@ class LlamaConfig:
             )
         if self.vocab_size < 0 or self.max_position_embeddings < 1:
             raise ValueError("vocab_size must be >= 0 and max_position_embeddings >= 1")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
+        # None stays None (resolved by kv_heads / d_head), so overriding hidden_size or the heads later
+        # re-derives them instead of keeping a stale value
+        if self.kv_heads < 1 or self.num_attention_heads % self.kv_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads={self.num_key_value_heads} (each kv head serves a whole group of heads)"
+                f"num_key_value_heads={self.kv_heads} (each kv head serves a whole group of heads)"
             )
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
-                    f"hidden_size={self.hidden_size} is not divisible by "
-                    f"num_attention_heads={self.num_attention_heads} (or give head_dim)"
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of coordinates")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} (or give head_dim)"
+            )
+        if self.d_head < 2 or self.d_head % 2:
+            raise ValueError(f"head_dim={self.d_head} must be even: RoPE rotates pairs of coordinates")
         if self.rms_norm_eps <= 0:
             raise ValueError("rms_norm_eps must be > 0")
         if not 0 <= self.attention_dropout < 1:
@@ -160,6 +158,16 @@ class LlamaConfig:
         if self.attention not in ("naive", "fused"):
             raise ValueError(f"attention={self.attention!r}: naive or fused")
         _check_rope_scaling(self.rope_scaling)
+
+    @property
+    def kv_heads(self) -> int:
+        """h_kv: num_key_value_heads, or h when unset (multi-head attention)."""
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
+    def d_head(self) -> int:
+        """d_h: head_dim, or d / h when unset."""
+        return self.hidden_size // self.num_attention_heads if self.head_dim is None else self.head_dim
 
     @property
     def block_size(self) -> int:
@@ -247,7 +255,7 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
 def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
     """θ_i for the d_h/2 pairs of a head [d_h/2], float32 on the CPU, as transformers' modeling_rope_utils.py
     computes them for cfg.rope_scaling (the same float32 operations in the same order, so the same bits)."""
-    dim = cfg.head_dim
+    dim = cfg.d_head
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # [d_h/2]: 2i / d_h
     scaling = cfg.rope_scaling or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -329,8 +337,8 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.n_head, self.n_kv_head = cfg.num_attention_heads, cfg.num_key_value_heads  # h, h_kv
-        self.head_dim = cfg.head_dim  # d_h
+        self.n_head, self.n_kv_head = cfg.num_attention_heads, cfg.kv_heads  # h, h_kv
+        self.head_dim = cfg.d_head  # d_h
         self.scale = self.head_dim**-0.5  # as HF's `scaling`, passed to the kernel so both round alike
         self.dropout = cfg.attention_dropout
         self.impl: AttentionImpl = cfg.attention
@@ -490,7 +498,7 @@ def _halves_to_pairs(w: Tensor, n_heads: int) -> Tensor:
 def _convert(sd: dict[str, Tensor], cfg: LlamaConfig, to_hf: bool) -> dict[str, Tensor]:
     """Every weight under the same name; q_proj / k_proj rows permuted (P to HF, P⁻¹ from HF)."""
     permute = _pairs_to_halves if to_hf else _halves_to_pairs
-    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.kv_heads}
     out: dict[str, Tensor] = {}
     for name, value in sd.items():
         proj = name.split(".")[-2]
@@ -534,8 +542,8 @@ def hf_config(cfg: LlamaConfig) -> dict:
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.d_head,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,

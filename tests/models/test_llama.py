@@ -13,11 +13,13 @@ so that attention is sharp and such errors show).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from llmlab.config import ConfigError
 from llmlab.models.llama import (
     LLAMA_PRESETS,
     Llama,
@@ -422,3 +424,21 @@ def test_activation_checkpointing_changes_no_loss_or_gradient():
     other_loss, _ = loss_and_grads(False, seed=6)  # guard: other dropout masks give another loss
     assert (other_loss - plain_loss).abs() > 1e-3
     assert len(model.shard_units()) == 2
+
+
+def test_derived_head_sizes_follow_later_overrides():
+    """head_dim / num_key_value_heads left unset are derived when used, so a recipe override of hidden_size
+    or of the heads (llmlab's `model.hidden_size=...`) re-derives them instead of keeping a stale value."""
+    from llmlab.config import apply_overrides
+
+    @dataclasses.dataclass
+    class Holder:
+        model: LlamaConfig = dataclasses.field(
+            default_factory=lambda: LlamaConfig(vocab_size=50, hidden_size=32, num_attention_heads=4)
+        )
+
+    cfg = apply_overrides(Holder(), ["model.hidden_size=64", "model.num_attention_heads=8"])
+    assert cfg.model.d_head == 8 and cfg.model.kv_heads == 8
+    assert cfg.model.head_dim is None and cfg.model.num_key_value_heads is None
+    with pytest.raises(ConfigError, match="divisible"):
+        apply_overrides(Holder(), ["model.num_key_value_heads=3"])
