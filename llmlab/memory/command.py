@@ -21,6 +21,7 @@ from typing import Any
 from llmlab.config import ConfigError
 from llmlab.memory.predict import MemoryPrediction, StateLayout, layout_for, predict_memory
 from llmlab.memory.report import CHART_FILE, comparison_table, components_table, terms_table, write_bar_chart
+from llmlab.models.causal_lm import describe_lm
 
 __all__ = ["MemoryRequest", "memory_command"]
 
@@ -118,11 +119,12 @@ def memory_command(req: MemoryRequest) -> str:
     labelled += [(s, predict(s, False)) for s in ENGINES]
     m = model_cfg
     head = (
-        f"{recipe.name} --preset {preset}: GPT {m.n_layer} layers, {m.n_head} heads, {m.n_embd} dims, "
-        f"context {m.block_size}, vocab {m.vocab_size:,}: Ψ = {main.n_params:,} parameters\n"
+        f"{recipe.name} --preset {preset}: {describe_lm(m)}, vocab {m.vocab_size:,}: "
+        f"Ψ = {main.n_params:,} parameters\n"
         f"per rank: micro-batch {micro} × {m.block_size} tokens (batch {train.batch_size} over {req.ranks} "
         f"rank(s), grad_accum {train.grad_accum}), {precision} on {device}, {m.attention} attention, "
-        f"dropout {m.dropout:g}, checkpointing {'on' if train.activation_checkpointing else 'off'}, {opt}; "
+        f"dropout {getattr(m, 'dropout', getattr(m, 'attention_dropout', 0.0)):g}, "
+        f"checkpointing {'on' if train.activation_checkpointing else 'off'}, {opt}; "
         f"strategy {strategy}, rank {req.rank} of {req.ranks}"
     )
     notes = "".join(f"\n- {n}" for n in main.states.notes)

@@ -292,17 +292,18 @@ def predict_memory(
     optimizer: OptimizerKind = "adamw",
     momentum: float = 0.9,
 ) -> MemoryPrediction:
-    """The prediction for a GPT (llmlab.models.gpt.GPTConfig with its vocab_size set) trained on micro-batches
-    of `micro_batch` sequences of `seq_len` tokens (default: block_size) per rank. The model is built on the
-    meta device: shapes only, nothing allocated, so a 124M (or 1.5B) model costs nothing to predict."""
+    """The prediction for a language model (a GPTConfig or LlamaConfig with its vocab_size set; activations
+    for GPT only) trained on micro-batches of `micro_batch` sequences of `seq_len` tokens (default:
+    block_size) per rank. The model is built on the meta device: shapes only, nothing allocated, so a 124M
+    (or 7B) model costs nothing to predict."""
     import torch
 
-    from llmlab.models.gpt import GPT
+    from llmlab.models.causal_lm import build_lm
 
     if model_cfg.vocab_size < 1:
         raise ValueError("model vocab_size must be set (the tokenizer's) to predict memory")
     with torch.device("meta"):
-        model = GPT(model_cfg)
+        model = build_lm(model_cfg)
     model.set_activation_checkpointing(checkpointing)
     return predict_for_model(
         model, micro_batch=micro_batch, seq_len=seq_len or model_cfg.block_size, precision=precision,

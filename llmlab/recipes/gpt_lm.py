@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from llmlab.config import ConfigError
-from llmlab.models.gpt import GPT, GPTConfig
+from llmlab.models.causal_lm import build_lm, describe_lm
+from llmlab.models.gpt import GPTConfig
 from llmlab.nn.sampling import SampleConfig, generate
 from llmlab.recipes.base import BuildContext, Experiment, FinalEvaluation, Recipe, Target
 from llmlab.train.config import OptimConfig, ScheduleConfig, TrainConfig
@@ -252,7 +253,8 @@ def load_lm_data(cfg: LMDataConfig, ctx: BuildContext) -> LMData:
 
 # ------------------------------------------------------------------------------------------------- recipe
 def lm_experiment(
-    cfg: Any, ctx: BuildContext, model: GPT, data: LMData, block: int, final_eval: Any, notes: list[str] = ()
+    cfg: Any, ctx: BuildContext, model: nn.Module, data: LMData, block: int, final_eval: Any,
+    notes: list[str] = (),
 ) -> Experiment:
     """The Experiment of a language-model recipe: random training windows and consecutive validation windows
     of `block` tokens over `data`'s token streams, CausalLMTask, AdamW, the tokenizer saved with the run."""
@@ -280,8 +282,7 @@ def lm_experiment(
     notes = [
         *data.notes,
         *notes,
-        f"GPT-2 architecture: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} dimensions, context "
-        f"{m.block_size} tokens ({model.n_params / 1e6:.2f} M parameters); batches of {cfg.train.batch_size} "
+        f"{describe_lm(m)} ({model.n_params / 1e6:.2f} M parameters); batches of {cfg.train.batch_size} "
         f"random windows of {block} tokens ({cfg.train.batch_size * block:,} tokens); validation: {len(val)} "
         f"batches of consecutive windows ({val.num_windows:,} windows in the split).",
     ]
@@ -301,8 +302,9 @@ def lm_experiment(
 
 
 class _LMRecipe(Recipe):
-    """A GPT language model trained on a text: the base of every recipe whose runs `llmlab generate` samples
-    and `gpt-finetune` starts from (a run of any of them holds tokenizer.json and model.safetensors)."""
+    """A language model (GPT-2 or LLaMA: llmlab/models/causal_lm.py) trained on a text: the base of every
+    recipe whose runs `llmlab generate` samples and a fine-tune starts from (a run of any of them holds
+    tokenizer.json and model.safetensors)."""
 
     config_cls = LMConfig
 
@@ -314,10 +316,10 @@ class _LMRecipe(Recipe):
                 f"{data.tokenizer.vocab_size:,} entries: leave it 0 (the tokenizer's)"
             )
         model_cfg = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
-        model = GPT(model_cfg)
+        model = build_lm(model_cfg)
         return lm_experiment(cfg, ctx, model, data, model_cfg.block_size, SampleSection(data.tokenizer, cfg))
 
-    def model_config(self, cfg: Any, run_dir: Path, tok: Any) -> GPTConfig:
+    def model_config(self, cfg: Any, run_dir: Path, tok: Any) -> Any:
         """The architecture of the model a run of this recipe saved (its config and tokenizer given)."""
         return dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
 
@@ -453,7 +455,7 @@ class SampleSection:
 class Generator:
     """A trained language model and its tokenizer, ready to sample (`llmlab generate`)."""
 
-    def __init__(self, model: GPT, tok: Any) -> None:
+    def __init__(self, model: nn.Module, tok: Any) -> None:
         self.model, self.tok = model, tok
 
     @classmethod
@@ -463,7 +465,7 @@ class Generator:
 
         run_dir, recipe, cfg = load_run_of_kind(run_dir, _LMRecipe, "a language model")
         tok = load_text_tokenizer(run_dir / "tokenizer.json")
-        model = GPT(recipe.model_config(cfg, run_dir, tok))
+        model = build_lm(recipe.model_config(cfg, run_dir, tok))
         load_run_weights(run_dir, model)
         return cls(model.to(device).eval(), tok)
 
