@@ -5,7 +5,8 @@
     python benchmarks/memory_table.py --model smoke --procs 1,2      # seconds: checks the script
 
 Each row is a short run (`--steps` optimizer steps) of `shakespeare-gpt` with GPT-2 124M's architecture
-(12 layers, 12 heads, 768 wide, GPT-2's BPE: Ψ = 124.4 M) on `--procs` gloo processes under torchrun, with
+(12 layers, 12 heads, 768 wide, GPT-2's BPE: Ψ = 124.4 M; `--model gpt2-medium`: 24 × 16 × 1024, 355 M)
+on `--procs` gloo processes under torchrun, with
 `--micro` sequences of `--block` tokens per process (the global batch grows with the processes, so every
 rank does the same work). The run's own `memory.json` (llmlab/memory: the first step's parameter, gradient,
 optimizer-state and saved-activation bytes of rank 0, next to `llmlab memory`'s prediction) gives the
@@ -40,6 +41,7 @@ CONFIGS: dict[str, list[str]] = {
 NEEDS_PROCESSES = {"zero1", "zero2", "zero3"}  # ours shards only over 2+ processes
 MODELS = {
     "gpt2": ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "data.tokenizer=gpt2"],
+    "gpt2-medium": ["model.n_layer=24", "model.n_head=16", "model.n_embd=1024", "data.tokenizer=gpt2"],
     "smoke": [],
 }
 
@@ -79,15 +81,15 @@ def _mib(x: float | None) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = "| config | procs | params MiB (pred / meas) | grads | optimizer | activations | RSS MiB | step s"
-    head += " |"
-    lines = [head, "|---|---:|---|---|---|---|---:|---:|"]
+    head = "| config | procs | params MiB (pred / meas) | grads | optimizer | activations | param copies"
+    head += " | RSS MiB | step s |"
+    lines = [head, "|---|---:|---|---|---|---|---|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['procs']} | failed: {' '.join(r['error'])} | | | | | |")
+            lines.append(f"| {r['name']} | {r['procs']} | failed: {' '.join(r['error'])} | | | | | | |")
             continue
         p, m = r["predicted"], r["measured"]
-        parts = ("params", "grads", "optimizer", "activations")
+        parts = ("params", "grads", "optimizer", "activations", "param_copies")
         cells = [f"{_mib(p.get(k))} / {_mib(m.get(k))}" for k in parts]
         lines.append(
             f"| {r['name']} | {r['procs']} | " + " | ".join(cells)
