@@ -21,7 +21,6 @@ from typing import Any
 from llmlab.config import ConfigError
 from llmlab.memory.predict import MemoryPrediction, StateLayout, layout_for, predict_memory
 from llmlab.memory.report import CHART_FILE, comparison_table, components_table, terms_table, write_bar_chart
-from llmlab.models.causal_lm import describe_lm
 
 __all__ = ["MemoryRequest", "memory_command"]
 
@@ -78,14 +77,14 @@ def _micro_batch(train: Any, ranks: int) -> int:
 
 def memory_command(req: MemoryRequest) -> str:
     """The text `llmlab memory` prints (and, with `out`, the files it writes)."""
-    from llmlab.models.gpt import GPTConfig
+    from llmlab.models.causal_lm import LM_CONFIGS
     from llmlab.runner import resolve_config
 
     recipe, cfg, preset = resolve_config(req.recipe, req.preset, list(req.overrides))
-    if not isinstance(getattr(cfg, "model", None), GPTConfig) or not hasattr(cfg, "train"):
+    if not isinstance(getattr(cfg, "model", None), LM_CONFIGS) or not hasattr(cfg, "train"):
         raise ConfigError(
-            f"llmlab memory models GPT recipes (their activations are derived for llmlab/models/gpt.py); "
-            f"{recipe.name!r} is not one"
+            f"llmlab memory models the language-model recipes (GPT-2, LLaMA; activations derived for "
+            f"llmlab/models/gpt.py); {recipe.name!r} is not one"
         )
     if req.ranks < 1 or not 0 <= req.rank < req.ranks:
         raise ConfigError(f"--rank {req.rank} must be in [0, --ranks {req.ranks})")
@@ -117,6 +116,8 @@ def memory_command(req: MemoryRequest) -> str:
     main = predict(layout, train.activation_checkpointing)
     labelled = [(s + (" +ckpt" if ck else ""), predict(s, ck)) for ck in (False, True) for s in OURS]
     labelled += [(s, predict(s, False)) for s in ENGINES]
+    from llmlab.models.causal_lm import describe_lm
+
     m = model_cfg
     head = (
         f"{recipe.name} --preset {preset}: {describe_lm(m)}, vocab {m.vocab_size:,}: "

@@ -11,6 +11,7 @@ from llmlab.recipes.cifar10_resnet import Cifar10ResNet18, Cifar10ResNet20
 from llmlab.recipes.gpt_finetune import GPTFinetune
 from llmlab.recipes.gpt_lm import ChineseGPT, ShakespeareGPT
 from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
+from llmlab.recipes.llama_lm import LlamaPretrain
 from llmlab.recipes.mnist_mlp import MnistMLP
 from llmlab.recipes.translation import IwsltTransformer, Multi30kTransformer
 
@@ -28,6 +29,7 @@ RECIPES: dict[str, Recipe] = {
         ShakespeareGPT(),
         ChineseGPT(),
         GPTFinetune(),
+        LlamaPretrain(),
     )
 }
 
