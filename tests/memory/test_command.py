@@ -60,7 +60,7 @@ def test_gpt2_vocabulary_from_the_tokenizer(shared_data, capsys):
         (["shakespeare-gpt", "model.n_layr=2"], "did you mean: model.n_layer"),
         (["shakespeare-gptt"], "did you mean: shakespeare-gpt"),
         (["shakespeare-gpt", "--preset", "smok"], "did you mean: smoke"),
-        (["mnist-mlp", "--preset", "smoke"], "models gpt recipes"),
+        (["mnist-mlp", "--preset", "smoke"], "models the language-model recipes"),
         (["shakespeare-gpt", "--preset", "smoke", "--ranks", "3"], "does not divide over --ranks 3"),
         (["shakespeare-gpt", "--preset", "smoke", "--ranks", "2", "--rank", "2"], "--rank 2"),
     ],

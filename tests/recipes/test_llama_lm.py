@@ -69,12 +69,12 @@ def test_zero3_under_torchrun_takes_the_steps_of_one_process(llama_run, tmp_path
 
 @pytest.mark.slow
 def test_real_novels_loss_falls(shared_data, tmp_path):
-    """The CPU preset's model for 300 of its 3,000 steps on the real novels: val loss per character falls
-    from ln(6,403) = 8.76 (uniform over the characters) to below 6.0 (measured 5.22; unigram frequencies
-    give 6.72, so a model that learned nothing from context stays above 6.5)."""
+    """The CPU preset's model for 150 of its 3,000 steps on the real novels: val loss per character falls
+    from ln(6,403) = 8.76 (uniform over the characters) to below 6.2 (measured 5.81; unigram frequencies
+    give 6.72, so a model that learned nothing from context stays above it)."""
     result = run(
-        "llama-pretrain", "cpu", ["train.max_steps=300", "train.eval_every=300", "data.eval_batches=10",
+        "llama-pretrain", "cpu", ["train.max_steps=150", "train.eval_every=150", "data.eval_batches=10",
                                   "samples.count=0"],
         out=tmp_path / "real", device="cpu", data_dir=shared_data,
     )  # fmt: skip
-    assert result["metrics"]["val/loss_per_char"] < 6.0
+    assert result["metrics"]["val/loss_per_char"] < 6.2
