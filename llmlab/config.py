@@ -113,6 +113,14 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}={text!r}: expected a number") from None
     if annotation is str:
         return text
+    if annotation is dict or origin is dict:  # a JSON object, e.g. model.rope_scaling={"rope_type":"linear"}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ConfigError(f'{key}={text!r}: expected a JSON object, e.g. {{"name": 1}}') from None
+        return value
     raise ConfigError(f"{key}: overriding fields of type {_type_name(annotation)} is not supported")
 
 
@@ -124,6 +132,8 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(_type_name(a) for a in args)
     if annotation is type(None):
         return "none"
+    if annotation is dict or origin is dict:
+        return "a JSON object"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -211,7 +221,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
         try:
             post_init()
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"{prefix or 'config'}: {err}") from err
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -239,4 +249,4 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err

@@ -86,3 +86,20 @@ def test_round_trip_through_json_dict():
     assert "optim.lr" in valid_keys(cfg)
     with pytest.raises(ConfigError, match="unknown config keys"):
         from_dict(Outer, {"bogus": 1})
+
+
+def test_dict_fields_take_a_json_object_and_errors_name_the_section():
+    """LLaMA's rope_scaling is a dict (HF's format): it is overridden as a JSON object; anything else, and a
+    scaling the model refuses, is a ConfigError naming the key or the section (no traceback)."""
+    from llmlab.runner import resolve_config
+
+    _, cfg, _ = resolve_config(
+        "llama-pretrain", "smoke", ['model.rope_scaling={"rope_type": "linear", "factor": 2.0}']
+    )
+    assert cfg.model.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        resolve_config("llama-pretrain", "smoke", ["model.rope_scaling=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"^model: .*rope"):
+        resolve_config("llama-pretrain", "smoke", ['model.rope_scaling={"rope_type": "yarn2"}'])
+    _, cfg, _ = resolve_config("llama-pretrain", "smoke", ["model.rope_scaling=none"])
+    assert cfg.model.rope_scaling is None

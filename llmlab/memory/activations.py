@@ -173,12 +173,13 @@ def layer_terms(s: ActivationShape) -> list[Term]:
     e = _act_bytes(s)
     fp32 = s.precision == "fp32"
     drop = s.dropout > 0
+    one_input = fp32 or s.fused_qkv
+    qkv_formula = f"{e}bsh" if one_input else "3·2bsh"
     terms = [
         Term("ln_1 input (the block input)", bsh, 4, formula="4bsh"),  # [b, s, h] fp32 residual
         Term("ln_1 mean and rstd", 2 * b * t, 4, formula="8bs"),  # 2 × [b, s, 1] fp32
         # one stacked GEMM, or fp32: one saved LayerNorm output; autocast + three Linears: a 16-bit cast each
-        Term("q/k/v_proj input (ln_1 output)", bsh, e, 1 if fp32 or s.fused_qkv else 3,
-             f"{e}bsh" if fp32 or s.fused_qkv else "3·2bsh"),  # fmt: skip
+        Term("q/k/v_proj input (ln_1 output)", bsh, e, 1 if one_input else 3, qkv_formula),
     ]
     if _kernel_attention(s):
         lse_t = t if s.device == "cpu" or not fp32 else 32 * math.ceil(t / 32)  # mem-efficient pads s

@@ -253,7 +253,12 @@ def load_lm_data(cfg: LMDataConfig, ctx: BuildContext) -> LMData:
 
 # ------------------------------------------------------------------------------------------------- recipe
 def lm_experiment(
-    cfg: Any, ctx: BuildContext, model: nn.Module, data: LMData, block: int, final_eval: Any,
+    cfg: Any,
+    ctx: BuildContext,
+    model: nn.Module,
+    data: LMData,
+    block: int,
+    final_eval: Any,
     notes: list[str] = (),
 ) -> Experiment:
     """The Experiment of a language-model recipe: random training windows and consecutive validation windows
