@@ -17,20 +17,16 @@ from dataclasses import dataclass, field
 
 from llmlab.models.llama import LlamaConfig
 from llmlab.recipes.base import Target
-from llmlab.recipes.gpt_lm import ZH_PROMPT, ZH_TOKENIZER, LMDataConfig, LMSampleConfig, _LMRecipe
+from llmlab.recipes.gpt_lm import ZH_PROMPT, ZH_TOKENIZER, LMConfig, LMDataConfig, LMSampleConfig, _LMRecipe
 from llmlab.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
 @dataclass
-class LlamaLMConfig:
-    seed: int = 0
+class LlamaLMConfig(LMConfig):
+    """gpt-pretrain's config (data, samples, train, optim, schedule) with a LLaMA as the model."""
+
     # vocab_size 0: the tokenizer's
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig(vocab_size=0))
-    data: LMDataConfig = field(default_factory=LMDataConfig)
-    samples: LMSampleConfig = field(default_factory=LMSampleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 def _cpu() -> LlamaLMConfig:
