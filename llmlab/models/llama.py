@@ -96,6 +96,7 @@ __all__ = [
     "from_hf_state_dict",
     "hf_config",
     "load_hf",
+    "lora_row_map",
     "rope_inv_freq",
     "save_hf",
     "to_hf_state_dict",
@@ -504,6 +505,21 @@ def _convert(sd: dict[str, Tensor], cfg: LlamaConfig, to_hf: bool) -> dict[str, 
         proj = name.split(".")[-2]
         out[name] = permute(value, heads[proj]) if proj in heads else value
     return out
+
+
+def lora_row_map(cfg: LlamaConfig):
+    """For llmlab.nn.lora's save_adapter / load_adapter: a LoRA update's output rows are the weight's, so an
+    adapter of q_proj / k_proj moves between our layout and HF's (PEFT's files) by the same permutation as
+    the weights; every other layer's lora_B passes unchanged."""
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.kv_heads}
+
+    def row_map(module: str, b: Tensor, to_file: bool) -> Tensor:
+        n = heads.get(module.rsplit(".", 1)[-1])
+        if n is None:
+            return b
+        return _pairs_to_halves(b, n) if to_file else _halves_to_pairs(b, n)
+
+    return row_map
 
 
 def to_hf_state_dict(model: Llama) -> dict[str, Tensor]:

@@ -34,7 +34,10 @@ Names and files follow PEFT (huggingface/peft, tested against 0.21):
 
 Models whose parameter names differ from their HF twin's pass `key_map`, a function from our parameter
 names to HF's (applied to `<module>.weight`); target names are then matched against the HF names, and file
-keys use them. The tests (tests/nn/test_lora.py) prove forward and gradients equal to
+keys use them. Models whose weights are the HF twin's up to a permutation of output rows (our LLaMA: q_proj
+and k_proj rows in rotary pairs, HF's in halves) pass `row_map(module, B, to_file)`, which permutes lora_B's
+rows the same way when saving (to_file=True) and back when loading: B's rows are the update's output rows,
+and A (input side) is untouched. The tests (tests/nn/test_lora.py) prove forward and gradients equal to
 `peft.get_peft_model` on a Llama, and adapters interchangeable with PEFT in both directions.
 
 Shapes: in / out = the base layer's in_features / out_features, r = rank.
@@ -62,6 +65,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_KEY_PREFIX",
+    "checksum_of_targets",
     "compute_base_checksum",
     "find_lora_targets",
     "inject_lora",
@@ -78,6 +82,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the HF model)
 CHECKSUM_KEY = "llmlab.base_sha256"  # in the safetensors metadata; PEFT reads only "format"
 
+RowMap = Callable[[str, Tensor, bool], Tensor]  # (HF module name, lora_B, to_file) -> lora_B
 KeyMap = Callable[[str], str]
 
 
@@ -531,6 +536,18 @@ def compute_base_checksum(model: nn.Module, key_map: KeyMap | None = None) -> st
     return _checksum({_mapped_module_name(n, key_map): layer.base_layer.weight for n, layer in layers})
 
 
+def checksum_of_targets(
+    model: nn.Module,
+    target_modules: list[str] | str,
+    key_map: KeyMap | None = None,
+    linear_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+) -> str:
+    """The checksum `compute_base_checksum` will give once LoRA is injected into the layers `target_modules`
+    selects: taken before injection (e.g. of a float base that is then quantized for QLoRA)."""
+    targets = find_lora_targets(model, target_modules, key_map, linear_types)
+    return _checksum({_mapped_module_name(n, key_map): layer.weight for n, layer in targets.items()})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Adapter files (PEFT's format)
 # ----------------------------------------------------------------------------------------------------------
@@ -546,6 +563,7 @@ def save_adapter(
     base_checksum: str | None = None,
     key_map: KeyMap | None = None,
     linear_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    row_map: RowMap | None = None,
 ) -> Path:
     """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT's `save_pretrained` does.
 
@@ -583,7 +601,8 @@ def save_adapter(
     tensors = {}
     for name, layer in layers:
         tensors[_key(mapped[name], "A")] = layer.lora_A.weight.detach().cpu().contiguous()
-        tensors[_key(mapped[name], "B")] = layer.lora_B.weight.detach().cpu().contiguous()
+        b = layer.lora_B.weight.detach().cpu()
+        tensors[_key(mapped[name], "B")] = (row_map(mapped[name], b, True) if row_map else b).contiguous()
 
     from safetensors.torch import save_file
 
@@ -633,6 +652,7 @@ def load_adapter(
     check_base: bool = True,
     adapter_dtype: torch.dtype | None = None,
     linear_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    row_map: RowMap | None = None,
 ) -> LoRAConfig:
     """Inject LoRA layers as an adapter folder (ours or PEFT's) says and load its A and B; return its config.
 
@@ -693,5 +713,6 @@ def load_adapter(
         for name in targets:
             layer = model.get_submodule(name)
             layer.lora_A.weight.copy_(tensors[_key(mapped[name], "A")])
-            layer.lora_B.weight.copy_(tensors[_key(mapped[name], "B")])
+            b = tensors[_key(mapped[name], "B")]
+            layer.lora_B.weight.copy_(row_map(mapped[name], b, False) if row_map else b)
     return cfg

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from llmlab.config import ConfigError
+from llmlab.models.causal_lm import build_lm, describe_lm
 from llmlab.models.gpt import GPT, GPTConfig
 from llmlab.nn.attention import AttentionImpl
 from llmlab.recipes.base import BuildContext, Experiment, FinalEvaluation, Target
@@ -101,6 +102,9 @@ class FinetuneDataConfig:
     # init_from=scratch: the tokenizer to build (None: char); otherwise None or the init's kind
     tokenizer: Literal["char", "gpt2", "bert-chinese", "bpe"] | None = None
     bpe_vocab_size: int = 4096  # init_from=scratch, tokenizer=bpe
+    # Chinese script conversion before anything else (llmlab.data.lm_text.convert_script): "t2s" turns the
+    # Tang poems' traditional characters into the simplified ones of a model trained on the novels
+    convert: Literal["none", "t2s", "s2t"] = "none"
     unknown_chars: Literal["error", "drop", "extend"] = "error"  # characters a char vocabulary lacks
     block_size: int | None = None  # training/validation window in tokens; None: the model's context
     val_fraction: float = 0.1
@@ -176,19 +180,26 @@ class Init:
 
     kind: str  # run | hf | scratch
     source: str  # what init_from named (resolved path, or Hub id and its download folder)
-    model: GPT | None  # None for scratch (built from model.* once the tokenizer is known)
+    model: (
+        nn.Module | None
+    )  # a GPT or a Llama; None for scratch (built from model.* once the tokenizer is known)
     tokenizer: Any
     description: str
 
 
-def resolve_init(cfg: FinetuneConfig, ctx: BuildContext, load_weights: bool = True) -> Init:
-    """The init of `cfg.init_from` (see the module docstring); a ConfigError says what is wrong."""
+def resolve_init(
+    cfg: Any, ctx: BuildContext, load_weights: bool = True, recipe: type[GPTFinetune] | None = None
+) -> Init:
+    """The init of `cfg.init_from` (see the module docstring) for fine-tuning `recipe` (gpt-finetune or a
+    subclass: its model kind and architecture fields); a ConfigError says what is wrong."""
+    recipe = recipe or GPTFinetune
     name = cfg.init_from
     if name is None or not str(name).strip():
         raise ConfigError(
-            "gpt-finetune needs init_from=...: a run directory of a language-model recipe (e.g. "
-            "init_from=runs/gpt-pretrain-cpu-...), a Hugging Face GPT-2 directory (save_pretrained), a Hub "
-            "id such as init_from=gpt2, or init_from=scratch (a randomly initialised baseline)"
+            f"{recipe.name} needs init_from=...: a run directory of a language-model recipe (e.g. "
+            f"init_from=runs/{recipe.pretrain}-cpu-...), a Hugging Face {recipe.hf_kind} directory "
+            f"(save_pretrained), a Hub id such as init_from={recipe.hub_example}, or init_from=scratch (a "
+            "randomly initialised baseline)"
         )
     name = str(name).strip()
     if name == SCRATCH:
@@ -204,20 +215,28 @@ def resolve_init(cfg: FinetuneConfig, ctx: BuildContext, load_weights: bool = Tr
         folder = _hub_download(name, path)
         init = _local_init(name, folder, load_weights)
         init.source = f"{name} (Hugging Face Hub, {folder})"
-    refuse_changes(cfg, init)
+    if not isinstance(init.model.cfg, recipe.model_config_cls):
+        kind = type(init.model).__name__
+        raise ConfigError(
+            f"init_from={name} is a {kind} model; {recipe.name} fine-tunes a "
+            f"{recipe.model_config_cls.__name__.removesuffix('Config')} (use "
+            f"{'llama-lora' if kind == 'Llama' else 'gpt-finetune'} for it)"
+        )
+    refuse_changes(cfg, init, recipe.arch_fields)
     return init
 
 
-def refuse_changes(cfg: FinetuneConfig, init: Init) -> None:
+def refuse_changes(cfg: Any, init: Init, arch_fields: tuple[str, ...] = ()) -> None:
     """A ConfigError when `model.*` or `data.tokenizer` ask for another architecture or tokenizer than the
     init's (fields left unset, or set to the init's own values, are fine: a preset may name them)."""
     m = init.model.cfg
-    arch = {k: getattr(cfg.model, k) for k in _ARCH if getattr(cfg.model, k) not in (None, getattr(m, k))}
+    fields = arch_fields or _ARCH
+    arch = {k: getattr(cfg.model, k) for k in fields if getattr(cfg.model, k) not in (None, getattr(m, k))}
     if arch:
         given = ", ".join(f"model.{k}={v} (the init's: {getattr(m, k)})" for k, v in arch.items())
         raise ConfigError(
             f"{given}: a fine-tune keeps the architecture of init_from={cfg.init_from}; leave model.* unset "
-            "(only model.dropout and model.attention may change), or train a new model with "
+            "(only the dropout and model.attention may change), or train a new model with "
             "init_from=scratch"
         )
     if cfg.data.tokenizer not in (None, init.tokenizer.kind):
@@ -290,7 +309,7 @@ def _local_init(name: str, path: Path, load_weights: bool) -> Init:
 def _run_init(name: str, path: Path, load_weights: bool) -> Init:
     from llmlab.data.lm_tokenizers import TokenizerError, load_text_tokenizer
     from llmlab.report import RunDirError
-    from llmlab.runner import load_run_of_kind, load_run_weights
+    from llmlab.runner import load_run_of_kind
     from llmlab.train.checkpoint import CheckpointError
 
     try:
@@ -298,23 +317,31 @@ def _run_init(name: str, path: Path, load_weights: bool) -> Init:
         tok = load_text_tokenizer(run_dir / "tokenizer.json")
     except (RunDirError, TokenizerError, ConfigError) as err:
         raise ConfigError(f"init_from={name}: {err}") from err
-    model = GPT(recipe.model_config(run_cfg, run_dir, tok))
-    if load_weights:
-        try:
-            load_run_weights(run_dir, model)
-        except CheckpointError as err:
-            raise ConfigError(f"init_from={name}: {err}") from err
-    m = model.cfg
+    try:
+        if load_weights:
+            model = recipe.load_trained(run_dir, run_cfg, tok)
+        else:
+            model = build_lm(recipe.model_config(run_cfg, run_dir, tok))
+    except CheckpointError as err:
+        raise ConfigError(f"init_from={name}: {err}") from err
     desc = (
-        f"the {recipe.name} run {run_dir} ({m.n_layer} layers, {m.n_embd} dimensions, context "
-        f"{m.block_size}, {model.n_params / 1e6:.2f} M parameters; tokenizer {tok.name})"
+        f"the {recipe.name} run {run_dir} ({describe_lm(model.cfg)}, {model.n_params / 1e6:.2f} M "
+        f"parameters; tokenizer {tok.name})"
     )
     return Init("run", str(run_dir.resolve()), model, tok, desc)
 
 
 def _hf_init(name: str, path: Path, config: dict, load_weights: bool) -> Init:
-    from llmlab.models.gpt import config_from_hf, load_hf
-
+    model_type = config.get("model_type")
+    if model_type == "gpt2":
+        from llmlab.models.gpt import config_from_hf, load_hf
+    elif model_type == "llama":
+        from llmlab.models.llama import config_from_hf, load_hf
+    else:
+        raise ConfigError(
+            f"init_from={name}: {path / 'config.json'} has model_type {model_type!r}; llmlab loads GPT-2 "
+            "(gpt2) and LLaMA (llama) checkpoints"
+        )
     try:
         gcfg = config_from_hf(config)
     except (ValueError, KeyError) as err:
@@ -331,10 +358,10 @@ def _hf_init(name: str, path: Path, config: dict, load_weights: bool) -> Init:
         except Exception as err:  # noqa: BLE001 - missing or mismatching weight files: one clear error
             raise ConfigError(f"init_from={name}: cannot load the weights of {path}: {err}") from err
     else:
-        model = GPT(gcfg)
+        model = build_lm(gcfg)
     desc = (
-        f"the Hugging Face GPT-2 {path} ({gcfg.n_layer} layers, {gcfg.n_embd} dimensions, context "
-        f"{gcfg.block_size}, {model.n_params / 1e6:.2f} M parameters; tokenizer {tok.name})"
+        f"the Hugging Face {model_type} model {path} ({describe_lm(gcfg)}, {model.n_params / 1e6:.2f} M "
+        f"parameters; tokenizer {tok.name})"
     )
     return Init("hf", str(path.resolve()), model, tok, desc)
 
@@ -425,11 +452,17 @@ def fit_vocabulary(text: str, tok: Any, policy: str) -> VocabFit:
 
 def load_target(cfg: FinetuneDataConfig, tok: Any, ctx: BuildContext) -> tuple[LMData, VocabFit]:
     """The target text, fitted to `tok` (or, for scratch, `tok` None: a tokenizer built on it), tokenised."""
-    from llmlab.data.lm_text import split_tokens, token_memmap
+    from llmlab.data.lm_text import convert_script, split_tokens, token_memmap
     from llmlab.data.lm_tokenizers import build_tokenizer
     from llmlab.data.store import cache_dir, data_root
 
     text, source, notes = read_corpus(cfg.corpus, ctx)
+    try:
+        text, converted = convert_script(text, cfg.convert)
+    except ImportError as err:
+        raise ConfigError(f"data.convert={cfg.convert}: {err}") from err
+    if converted:
+        notes.append(converted)
     if tok is None:
         kind = cfg.tokenizer or "char"
         basis = text if kind == "char" else split_tokens(text, cfg.val_fraction)[0]
@@ -453,19 +486,25 @@ def load_target(cfg: FinetuneDataConfig, tok: Any, ctx: BuildContext) -> tuple[L
         f"{len(val):,} val tokens, {cpt:.2f} characters per token in val (the last {cfg.val_fraction:.0%} of "
         "the text).",
     )
-    description = f"{cfg.corpus} ({len(fit.text):,} characters from {source})"
+    how = f", converted {cfg.convert}" if cfg.convert != "none" else ""
+    description = f"{cfg.corpus} ({len(fit.text):,} characters from {source}{how})"
     return LMData(train, val, t, description, [*fit.notes, *notes], cpt), fit
 
 
-def extend_embedding(model: GPT, old_to_new: list[int], vocab_size: int) -> GPT:
-    """A copy of `model` with `vocab_size` embedding rows: old row i at old_to_new[i], the others the mean of
-    the old rows (the output layer is tied, so it grows with it)."""
+VOCAB_ROWS = ("transformer.wte.weight", "model.embed_tokens.weight", "lm_head.weight")  # GPT's, LLaMA's
+
+
+def extend_embedding(model: nn.Module, old_to_new: list[int], vocab_size: int) -> nn.Module:
+    """A copy of `model` (GPT or LLaMA) with `vocab_size` embedding rows: old row i at old_to_new[i], the
+    others the mean of the old rows; the output layer grows the same way (tied: it is the embedding)."""
     state = model.state_dict()
-    old = state["transformer.wte.weight"]  # [V_old, d]
-    new = old.mean(dim=0, keepdim=True).repeat(vocab_size, 1)  # [V_new, d]
-    new[torch.tensor(old_to_new)] = old
-    state["transformer.wte.weight"] = state["lm_head.weight"] = new
-    grown = GPT(dataclasses.replace(model.cfg, vocab_size=vocab_size))
+    for key in VOCAB_ROWS:
+        if key in state:
+            old = state[key]  # [V_old, d]
+            new = old.mean(dim=0, keepdim=True).repeat(vocab_size, 1)  # [V_new, d]
+            new[torch.tensor(old_to_new)] = old
+            state[key] = new
+    grown = build_lm(dataclasses.replace(model.cfg, vocab_size=vocab_size))
     grown.load_state_dict(state)
     return grown
 
@@ -487,27 +526,28 @@ class GPTFinetune(_LMRecipe):
     # character), their character frequencies alone give ~2.6; measured 1.83 after the 100 steps
     targets = {"smoke": Target("val/loss", 2.3, higher_is_better=False)}
 
+    # what subclasses (llama-lora) change: the model kind, its architecture fields, the words of messages
+    model_config_cls: type = GPTConfig
+    arch_fields: tuple[str, ...] = _ARCH
+    pretrain, hf_kind, hub_example = "gpt-pretrain", "GPT-2", "gpt2"
+
     def build(self, cfg: FinetuneConfig, ctx: BuildContext) -> Experiment:
+        from llmlab.config import from_dict
         from llmlab.data.lm_tokenizers import CharTokenizer, load_text_tokenizer
 
         saved = _saved_init(ctx.run_dir)
         tok = load_text_tokenizer(ctx.run_dir / "tokenizer.json") if saved is not None else None
         # A resumed run with a checkpoint, or `llmlab eval`: the weights come from the run, whose record says
         # the rest (tokenizer.json, init.json, before.json): the init need not exist any more.
-        has_weights = ctx.run_dir is not None and (
-            (ctx.run_dir / "model.safetensors").exists() or any((ctx.run_dir / "checkpoints").glob("step_*"))
-        )
-        if saved is not None and has_weights:
+        if saved is not None and self.weights_in_run(cfg, ctx.run_dir):
             data, _ = load_target(cfg.data, tok, ctx)
-            model = GPT(GPTConfig(**saved["model"]))
+            model = build_lm(from_dict(self.model_config_cls, saved["model"]))
             init = Init(saved["kind"], saved["source"], model, tok, f"{saved['source']} (see {INIT_FILE})")
         else:
-            init = resolve_init(cfg, ctx)
+            init = resolve_init(cfg, ctx, recipe=type(self))
             data, fit = load_target(cfg.data, tok or init.tokenizer, ctx)
             if init.model is None:  # scratch
-                arch = {k: getattr(cfg.model, k) for k in _ARCH if getattr(cfg.model, k) is not None}
-                vocab = data.tokenizer.vocab_size
-                model = GPT(GPTConfig(vocab_size=vocab, dropout=cfg.model.dropout or 0.0, **arch))
+                model = self.scratch_model(cfg, data.tokenizer.vocab_size)
             else:
                 model, old_to_new = init.model, fit.old_to_new
                 if isinstance(tok, CharTokenizer) and tok.vocab_size > model.cfg.vocab_size:  # resumed after
@@ -517,8 +557,8 @@ class GPTFinetune(_LMRecipe):
                 if old_to_new is not None:
                     model = extend_embedding(model, old_to_new, data.tokenizer.vocab_size)
         tok = data.tokenizer
-        if cfg.model.dropout is not None:
-            set_dropout(model, cfg.model.dropout)
+        if self.dropout(cfg) is not None:
+            set_dropout(model, self.dropout(cfg))
         model.set_attention_impl(cfg.model.attention)
         model.cfg.attention = cfg.model.attention
         block = cfg.data.block_size or model.cfg.block_size
@@ -526,31 +566,65 @@ class GPTFinetune(_LMRecipe):
             raise ConfigError(
                 f"data.block_size={block}: longer than the model's context ({model.cfg.block_size} tokens)"
             )
-        section = FinetuneSamples(tok, cfg, init.kind != SCRATCH)
-        notes = [f"Initialised from {init.description}."]
-        exp = lm_experiment(cfg, ctx, model, data, block, section, notes=notes)
         record = {
             "init_from": cfg.init_from,
             "kind": init.kind,
             "source": init.source,
             "model": dataclasses.asdict(model.cfg),
         }
+        model, notes = self.adapt(model, cfg, ctx, record)
+        section = self.final_section(tok, cfg, init.kind != SCRATCH)
+        notes = [f"Initialised from {init.description}.", *notes]
+        exp = lm_experiment(cfg, ctx, model, data, block, section, notes=notes)
         exp.artifacts[INIT_FILE] = lambda path: _write_json(path, record)
         if init.kind != SCRATCH:
             section.before = _load_before(ctx.run_dir) or _evaluate_before(exp, model, tok, cfg, ctx)
             exp.artifacts[BEFORE_FILE] = lambda path: _write_json(path, section.before)
+        self.finish(exp, cfg, ctx)
         return exp
 
-    def model_config(self, cfg: Any, run_dir: Path, tok: Any) -> GPTConfig:
+    # ------------------------------------------------------------------------------------------- the hooks
+    def weights_in_run(self, cfg: Any, run_dir: Path | None) -> bool:
+        """Whether the run directory holds the whole model (final weights or a checkpoint to resume)."""
+        return run_dir is not None and (
+            (run_dir / "model.safetensors").exists() or any((run_dir / "checkpoints").glob("step_*"))
+        )
+
+    def scratch_model(self, cfg: FinetuneConfig, vocab_size: int) -> nn.Module:
+        """init_from=scratch: a random model of `model.*` (unset fields: GPT-2 small's)."""
+        arch = {k: getattr(cfg.model, k) for k in _ARCH if getattr(cfg.model, k) is not None}
+        return GPT(GPTConfig(vocab_size=vocab_size, dropout=cfg.model.dropout or 0.0, **arch))
+
+    def dropout(self, cfg: FinetuneConfig) -> float | None:
+        return cfg.model.dropout
+
+    def adapt(self, model: nn.Module, cfg: Any, ctx: BuildContext, record: dict) -> tuple[nn.Module, list]:
+        """The model to train from the init's (full fine-tuning: itself) and notes on it; `record` is what
+        init.json will hold (a subclass may add to it)."""
+        return model, []
+
+    def final_section(self, tok: Any, cfg: Any, pretrained: bool) -> FinetuneSamples:
+        return FinetuneSamples(tok, cfg, pretrained)
+
+    def finish(self, exp: Experiment, cfg: Any, ctx: BuildContext) -> None:
+        """Last changes to the Experiment (e.g. how the final model is saved)."""
+
+    def model_config(self, cfg: Any, run_dir: Path, tok: Any) -> Any:
+        from llmlab.config import from_dict
+
         saved = _saved_init(run_dir)
         if saved is None:
-            raise ConfigError(f"{run_dir} holds no {INIT_FILE}: the gpt-finetune run did not start")
-        return GPTConfig(**saved["model"])
+            raise ConfigError(f"{run_dir} holds no {INIT_FILE}: the {self.name} run did not start")
+        return from_dict(self.model_config_cls, saved["model"])
 
 
-def set_dropout(model: GPT, p: float) -> None:
-    """Every dropout of the GPT (embeddings, attention probabilities, residual branches) to `p`."""
-    model.cfg.dropout = p
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of the model to `p`: GPT's (embeddings, attention probabilities, residual branches),
+    LLaMA's (attention probabilities, its only one)."""
+    if hasattr(model.cfg, "attention_dropout"):
+        model.cfg.attention_dropout = p
+    else:
+        model.cfg.dropout = p
     for mod in model.modules():
         if isinstance(getattr(mod, "dropout", None), float):
             mod.dropout = p
@@ -574,7 +648,7 @@ def _load_before(run_dir: Path | None) -> dict | None:
     return json.loads((run_dir / BEFORE_FILE).read_text(encoding="utf-8"))
 
 
-def _evaluate_before(exp: Experiment, model: GPT, tok: Any, cfg: FinetuneConfig, ctx: BuildContext) -> dict:
+def _evaluate_before(exp: Experiment, model: nn.Module, tok: Any, cfg: Any, ctx: BuildContext) -> dict:
     """The init model on the target's validation split (every process its share, summed) and its samples
     (the main process), before any training step."""
     from llmlab.train.trainer import evaluate

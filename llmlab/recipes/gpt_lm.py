@@ -328,6 +328,15 @@ class _LMRecipe(Recipe):
         """The architecture of the model a run of this recipe saved (its config and tokenizer given)."""
         return dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
 
+    def load_trained(self, run_dir: Path, cfg: Any, tok: Any) -> nn.Module:
+        """The trained model of a run of this recipe, on the CPU, as one plain GPT or LLaMA (what generation,
+        serving and a fine-tune start from). A CheckpointError when its weights are missing or do not fit."""
+        from llmlab.runner import load_run_weights
+
+        model = build_lm(self.model_config(cfg, run_dir, tok))
+        load_run_weights(run_dir, model)
+        return model
+
 
 class ShakespeareGPT(_LMRecipe):
     name = "shakespeare-gpt"
@@ -466,12 +475,11 @@ class Generator:
     @classmethod
     def from_run(cls, run_dir: Path | str, device: str = "cpu") -> Generator:
         from llmlab.data.lm_tokenizers import load_text_tokenizer
-        from llmlab.runner import load_run_of_kind, load_run_weights
+        from llmlab.runner import load_run_of_kind
 
         run_dir, recipe, cfg = load_run_of_kind(run_dir, _LMRecipe, "a language model")
         tok = load_text_tokenizer(run_dir / "tokenizer.json")
-        model = build_lm(recipe.model_config(cfg, run_dir, tok))
-        load_run_weights(run_dir, model)
+        model = recipe.load_trained(run_dir, cfg, tok)
         return cls(model.to(device).eval(), tok)
 
     def sample(self, prompt: str, cfg: SampleConfig, count: int = 1, seed: int = 0) -> list[str]:

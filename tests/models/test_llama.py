@@ -13,6 +13,7 @@ so that attention is sharp and such errors show).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -442,3 +443,38 @@ def test_derived_head_sizes_follow_later_overrides():
     assert cfg.model.head_dim is None and cfg.model.num_key_value_heads is None
     with pytest.raises(ConfigError, match="divisible"):
         apply_overrides(Holder(), ["model.num_key_value_heads=3"])
+
+
+# --------------------------------------------------------------------------------------------- LoRA adapters
+def test_lora_adapters_move_between_ours_and_peft_with_the_row_permutation(tmp_path):
+    """A LoRA update of q_proj / k_proj has the weight's output rows, so it needs the converter's permutation
+    too (lora_row_map). Both ways: our adapter on our LLaMA = PEFT loading it onto the HF twin; PEFT's adapter
+    on the HF model = ours loading it onto our twin. Without the map, our adapter on the HF model is another
+    model (> 1e-2 off), which is what a loader by names alone would silently give."""
+    peft = pytest.importorskip("peft")
+    from llmlab.models.llama import lora_row_map
+    from llmlab.nn.lora import LoRAConfig, inject_lora, load_adapter, lora_layers, save_adapter
+
+    hf = _hf(seed=5)
+    ours = _ours_from(hf)
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    inject_lora(ours, cfg)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, layer in lora_layers(ours):
+            layer.lora_B.weight.copy_(0.3 * torch.randn(layer.lora_B.weight.shape, generator=g, dtype=DT))
+    row_map = lora_row_map(ours.cfg)
+    save_adapter(ours, tmp_path / "ours", cfg, row_map=row_map)
+    save_adapter(ours, tmp_path / "unmapped", cfg)
+    ids = _ids()
+    expected = ours(ids)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    assert _max_err(loaded(ids).logits, expected) <= TOL
+    wrong = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "unmapped").eval()
+    assert _max_err(wrong(ids).logits, expected) > 1e-2
+
+    # PEFT's adapter (trained on HF's layout) into our twin
+    loaded.save_pretrained(tmp_path / "peft")
+    twin = _ours_from(hf)
+    load_adapter(twin, tmp_path / "peft", row_map=row_map)
+    assert _max_err(twin(ids), expected) <= TOL
