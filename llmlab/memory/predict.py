@@ -150,20 +150,26 @@ def predict_states(
     optimizer: OptimizerKind = "adamw",
     momentum: float = 0.9,
     units: Sequence[Sequence[int]] = (),
+    frozen: Sequence[int] = (),
 ) -> StatePrediction:
     """Bytes of parameters, gradients and optimizer states on rank `rank` of `ranks`.
 
     `shapes`: every distinct parameter's shape (a tied weight once); `units` (stage 3): indices into
-    `shapes` of each block gathered at a time (the rest is the root, gathered from forward to the step)."""
+    `shapes` of each block gathered at a time (the rest is the root, gathered from forward to the step);
+    `frozen`: indices of parameters that are not trained (LoRA's base): they have no gradient and no
+    optimizer state."""
     if ranks < 1 or not 0 <= rank < ranks:
         raise ValueError(f"rank {rank} of {ranks} ranks")
     numels = [math.prod(s) for s in shapes]
     psi = sum(numels)  # Ψ
+    trained = [i for i in range(len(numels)) if i not in set(frozen)]
+    t_numels, t_shapes = [numels[i] for i in trained], [shapes[i] for i in trained]
+    psi_t = sum(t_numels)  # Ψ of the trained parameters
     n_tensors = len(numels)
     k = optimizer_state_bytes(optimizer, momentum)
     # Adam's 0-dim fp32 `step` per tensor it steps (DeepSpeed steps a few flat partitions: left out)
     adam = optimizer in ("adam", "adamw") and layout.precision_model == "autocast"
-    step_bytes = 4 * n_tensors if adam else 0
+    step_bytes = 4 * len(trained) if adam else 0
     out = StatePrediction()
     paper = layout.precision_model == "zero-paper" and precision in ("bf16", "fp16")
     p_bytes, g_bytes = (2, 2) if paper else (4, 4)  # paper: 16-bit params and grads; else fp32
@@ -174,21 +180,27 @@ def predict_states(
     k_total = k + 4 if master else k
 
     # Elements this rank holds of sharded parameters, gradients and optimizer states (per element of Ψ)
-    if layout.sharding == "none":
-        p_el = g_el = o_el = psi
-    elif layout.sharding == "flat":  # DeepSpeed: one buffer padded to N parts (stage 3: per parameter)
-        p_el = g_el = o_el = sum(_chunk(x, n) for x in numels) if stage == 3 else math.ceil(psi / n)
-    elif layout.sharding == "per-param":  # ours: owned chunks; gradients in c-element reduce-scatter buffers
-        p_el = o_el = sum(_owned(x, n, rank) for x in numels)
-        g_el = sum(_chunk(x, n) for x in numels)
-    else:  # FSDP2: padded row blocks for parameters and gradients, the unpadded rows for optimizer states
-        p_el = g_el = sum(_dim0_padded(s, n) for s in shapes)
-        o_el = sum(_dim0_owned(s, n, rank) for s in shapes)
+    def elements(numels: list[int], shapes: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+        total = sum(numels)
+        if layout.sharding == "none":
+            return total, total, total
+        if layout.sharding == "flat":  # DeepSpeed: one buffer padded to N parts (stage 3: per parameter)
+            flat = sum(_chunk(x, n) for x in numels) if stage == 3 else math.ceil(total / n)
+            return flat, flat, flat
+        if layout.sharding == "per-param":  # ours: owned chunks; gradients in c-element reduce-scatter bufs
+            owned = sum(_owned(x, n, rank) for x in numels)
+            return owned, sum(_chunk(x, n) for x in numels), owned
+        # FSDP2: padded row blocks for parameters and gradients, the unpadded rows for optimizer states
+        padded = sum(_dim0_padded(s, n) for s in shapes)
+        return padded, padded, sum(_dim0_owned(s, n, rank) for s in shapes)
+
+    p_el = elements(numels, shapes)[0]
+    _, g_el, o_el = elements(t_numels, t_shapes)
 
     sharded = layout.sharding != "none"
     out.params = p_bytes * (p_el if sharded and stage >= 3 else psi)
-    out.grads = g_bytes * (g_el if sharded and stage >= 2 else psi)
-    opt = k_total * (o_el if sharded and stage >= 1 else psi) + step_bytes
+    out.grads = g_bytes * (g_el if sharded and stage >= 2 else psi_t)
+    opt = k_total * (o_el if sharded and stage >= 1 else psi_t) + step_bytes
     if layout.offload != "none":  # ZeRO-Offload: the optimizer (master weights included) on the host
         out.host, opt = opt, 0
         if layout.offload == "all":  # ZeRO-Infinity's parameter offload (stage 3)
@@ -197,7 +209,7 @@ def predict_states(
         out.notes.append(f"offload={layout.offload}: {moved} in host memory")
     out.optimizer = opt
     if layout.strategy == "ddp" and n > 1:
-        out.buffers = 4 * psi
+        out.buffers = 4 * psi_t
         out.notes.append("DDP keeps gradient buckets beside the gradients (gradient_as_bucket_view off): +4Ψ")
     if stage == 3 and units:
         in_units = {i for u in units for i in u}
@@ -348,7 +360,8 @@ def predict_for_model(
     units = [[index[id(p)] for p in u.parameters()] for u in getattr(model, "shard_units", list)()]
     shapes = [tuple(getattr(p, "ds_shape", None) or p.shape) for p in params]  # DeepSpeed-3: ds_shape
     layout = strategy if isinstance(strategy, StateLayout) else layout_for(strategy)
-    states = predict_states(shapes, layout, ranks, rank, precision, optimizer, momentum, units)
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    states = predict_states(shapes, layout, ranks, rank, precision, optimizer, momentum, units, frozen)
     activations = None
     if isinstance(model, GPT):
         cfg = model.cfg

@@ -16,8 +16,8 @@ Dropout (p = `dropout`) is applied to the input of the LoRA branch only.
 
 Because the update is linear, it can be merged: W = W0 + s · B A gives the same outputs with no extra
 latency (LoRA §4.1, "No Additional Inference Latency"); `merge()` / `unmerge()` do it in place and back.
-They go through `LoRALinear._base_weight` / `_write_base_weight`, which a quantized base layer overrides
-(dequantize → add → requantize).
+They go through `LoRALinear._base_weight` / `_write_base_weight`, which read and write a quantized base
+(llmlab/nn/quant.py) through its `dequantized_weight()` / `set_weight()`: dequantize → add → requantize.
 
 Names and files follow PEFT (huggingface/peft, tested against 0.21):
 - a wrapped layer keeps the original at `<name>.base_layer` and holds `<name>.lora_A.weight` [r, in] and
@@ -271,8 +271,9 @@ def _adapter_dtype(base_dtype: torch.dtype, adapter_dtype: torch.dtype | None) -
 class LoRALinear(nn.Module):
     """y = base(x) + s · (dropout(x) Aᵀ) Bᵀ, with the base layer frozen and kept at `.base_layer`.
 
-    `base` is any module with `in_features`, `out_features` and a `weight` (nn.Linear; a quantized linear
-    subclasses this and overrides `_base_weight` / `_write_base_weight`). After `merge()` the base alone
+    `base` is any module with `in_features`, `out_features` and a `weight` (nn.Linear, or a quantized linear
+    of llmlab.nn.quant, read with `dequantized_weight()` and written with `set_weight()`; other kinds subclass
+    this and override `_base_weight` / `_write_base_weight`). After `merge()` the base alone
     computes y (W = W0 + s B A) until `unmerge()`. Do not train while merged: A and B get no gradient then.
 
     x: [..., in] -> y: [..., out]
@@ -341,12 +342,19 @@ class LoRALinear(nn.Module):
     # -- the two hooks a quantized base overrides ----------------------------------------------------------
     def _base_weight(self) -> Tensor:
         """The base weight as a dense floating-point tensor [out, in] (a quantized base: dequantize)."""
-        return self.base_layer.weight.detach()
+        dequantized = getattr(self.base_layer, "dequantized_weight", None)  # llmlab.nn.quant's layers
+        return dequantized() if dequantized is not None else self.base_layer.weight.detach()
 
     def _write_base_weight(self, weight: Tensor) -> None:
-        """Store a dense [out, in] `weight` as the base's weight (a quantized base: requantize)."""
+        """Store a dense [out, in] `weight` as the base's weight (a quantized base: requantize). A quantized
+        layer's `weight` is a fresh dequantized tensor, so copying into it would silently change nothing:
+        such layers are written through their `set_weight`."""
+        set_weight = getattr(self.base_layer, "set_weight", None)
         with torch.no_grad():
-            self.base_layer.weight.copy_(weight)
+            if set_weight is not None:
+                set_weight(weight)
+            else:
+                self.base_layer.weight.copy_(weight)
 
     # -- merging ---------------------------------------------------------------------------------------------
     @torch.no_grad()

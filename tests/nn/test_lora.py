@@ -631,3 +631,46 @@ def test_save_checks_the_config_against_the_layers(tmp_path):
         save_adapter(ours, tmp_path / "ad", LoRAConfig(r=R, alpha=ALPHA, target_modules=[*TARGETS, "k_proj"]))
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(_llama(), tmp_path / "none", cfg)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4", "nf4-double"])
+def test_merging_into_our_quantized_layers_requantizes_the_update(kind):
+    """A quantized layer's `weight` is a fresh dequantized tensor: merging by copying into it would change
+    nothing and silently drop the update (found so: a QLoRA model merged into its NF4 base scored as the
+    untrained base). The merge must requantize W + ΔW: each stored weight then lies within half a
+    quantization step of it — int8: the row's scale / 2; NF4: half the widest gap between levels (0.304,
+    between -1 and -0.696) times the block's constant (+ that constant's own rounding) — while keeping the
+    old base would miss by ΔW itself."""
+    from llmlab.nn.quant import Int8Linear, NF4Linear, nf4_levels
+
+    linear = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 64, generator=_gen(0)) / 8)
+    base = (
+        Int8Linear.from_linear(linear)
+        if kind == "int8"
+        else NF4Linear.from_linear(linear, double_quant=kind == "nf4-double")
+    )
+    torch.manual_seed(0)  # A's Kaiming init
+    layer = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(0.2 * torch.randn(32, 4, generator=_gen(1)))
+    w0 = base.dequantized_weight().clone()
+    target = w0 + layer.delta_weight().detach()  # [32, 64]
+    layer.merge()
+    merged = base.dequantized_weight()
+    err = (merged - target).abs()
+    if kind == "int8":
+        bound = base.weight_scale.reshape(-1, 1) / 2 * (1 + 1e-6)  # [32, 1]
+    else:
+        # + |a - a'|, the stored block constant a' vs the true absmax a of W + ΔW: 0 in float32, the
+        # 8-bit rounding of the constant with double quantization (an element at ±a lands on ±a')
+        gap = nf4_levels().diff().max().item()
+        stored = base.nf4_weight().block_absmax()  # [32 * 64 / 64]
+        true = target.reshape(-1, 64).abs().amax(dim=1)
+        per_block = gap / 2 * stored * (1 + 1e-6) + (true - stored).abs() + 1e-7  # (+ float32 rounding)
+        bound = per_block.repeat_interleave(64).reshape(32, 64)
+    assert (err <= bound).all()
+    assert err.norm() < 0.5 * (target - w0).norm()  # the update arrived (the old base misses it fully)
+    layer.unmerge()
+    assert (base.dequantized_weight() - w0).abs().max() <= 2 * bound.max()  # back, up to two roundings
