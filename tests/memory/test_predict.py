@@ -40,6 +40,16 @@ def test_deepspeed_in_fp32_is_plain_fp32():
     assert (p.params, p.grads, p.optimizer) == (4 * PSI, 4 * PSI, 8 * PSI)
 
 
+def test_frozen_parameters_have_no_gradient_or_optimizer_state():
+    """LoRA: the base is frozen, so only the trained tensors (here the second) carry gradients, AdamW's two
+    moments and its step counter; the parameters themselves are all still held."""
+    shapes = [(100, 10), (4, 10)]
+    p = predict_states(shapes, layout_for("ddp"), 1, 0, "fp32", "adamw", frozen=[0])
+    assert (p.params, p.grads, p.optimizer) == (4 * 1040, 4 * 40, 8 * 40 + 4)
+    z = predict_states(shapes, layout_for("zero3"), 2, 0, "fp32", "adamw", frozen=[0])
+    assert (z.params, z.grads, z.optimizer) == (4 * 520, 4 * 20, 8 * 20 + 4)
+
+
 def test_our_zero_chunks_per_rank():
     """610 elements over 3 ranks: chunks of 204; ranks 0 and 1 own 204, rank 2 owns 202, and every rank's
     stage-2 gradient is the 204-element reduce-scatter buffer."""
