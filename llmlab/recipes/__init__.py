@@ -12,6 +12,7 @@ from llmlab.recipes.gpt_finetune import GPTFinetune
 from llmlab.recipes.gpt_lm import ChineseGPT, ShakespeareGPT
 from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
 from llmlab.recipes.llama_lm import LlamaPretrain
+from llmlab.recipes.llama_lora import LlamaLoRA
 from llmlab.recipes.mnist_mlp import MnistMLP
 from llmlab.recipes.translation import IwsltTransformer, Multi30kTransformer
 
@@ -30,6 +31,7 @@ RECIPES: dict[str, Recipe] = {
         ChineseGPT(),
         GPTFinetune(),
         LlamaPretrain(),
+        LlamaLoRA(),
     )
 }
 

@@ -580,7 +580,7 @@ class GPTFinetune(_LMRecipe):
         if init.kind != SCRATCH:
             section.before = _load_before(ctx.run_dir) or _evaluate_before(exp, model, tok, cfg, ctx)
             exp.artifacts[BEFORE_FILE] = lambda path: _write_json(path, section.before)
-        self.finish(exp, cfg, ctx)
+        self.finish(exp, cfg, ctx, record)
         return exp
 
     # ------------------------------------------------------------------------------------------- the hooks
@@ -606,8 +606,8 @@ class GPTFinetune(_LMRecipe):
     def final_section(self, tok: Any, cfg: Any, pretrained: bool) -> FinetuneSamples:
         return FinetuneSamples(tok, cfg, pretrained)
 
-    def finish(self, exp: Experiment, cfg: Any, ctx: BuildContext) -> None:
-        """Last changes to the Experiment (e.g. how the final model is saved)."""
+    def finish(self, exp: Experiment, cfg: Any, ctx: BuildContext, record: dict) -> None:
+        """Last changes to the Experiment (e.g. how the final model is saved); `record`: init.json's."""
 
     def model_config(self, cfg: Any, run_dir: Path, tok: Any) -> Any:
         from llmlab.config import from_dict
