@@ -1,6 +1,11 @@
-"""Quantization table of a trained LLaMA run: weight bytes, validation loss and speed under fp32, bf16, int8 and NF4.
+"""Quantization table of a trained LLaMA run: weight bytes, val loss and speed in fp32, bf16, int8 and NF4.
 
-    python benchmarks/quant_table.py runs/llama-pretrain-cpu [--data-dir D] [--out results.json] [--batches N]
+    python benchmarks/quant_table.py RUN_DIR [--data-dir D] [--out results.json] [--batches N]
+
+docs/results.md's table (a few minutes on 2 idle cores; the default --batches is the run's eval_batches, 60):
+
+    LLMLAB_DATA=/work/shared/data python benchmarks/quant_table.py runs/llama-pretrain-cpu \
+        --out runs/quant-table/results.json
 
 What it measures. The run's experiment is rebuilt as `llmlab eval` does (`llmlab.runner.evaluate_run`: the
 recipe's build with the run directory as context, so its own tokenizer and validation windows, then its
@@ -24,8 +29,9 @@ configuration:
 
 Which layers. bitsandbytes (through transformers) replaces every `nn.Linear` except the output head (its
 `get_keys_to_not_convert` keeps the last module and tied weights): the 7 projections of every decoder block.
-Ours quantizes the same ones (`quantize_model(..., skip=("lm_head",))`). The embedding is never a linear layer;
-the llama-pretrain runs tie the head to it, so the 6,403 x 192 table stays float32 in every quantized row.
+Ours quantizes the same ones (`quantize_model(..., skip=("lm_head",))`). The embedding is never a linear
+layer; the llama-pretrain runs tie the head to it, so the 6,403 x 192 table stays float32 in every quantized
+row (it is 1.23 M of the 2.85 M parameters: the floor under every quantized size).
 The bitsandbytes rows load `save_hf`'s directory into `LlamaForCausalLM.from_pretrained(dir,
 quantization_config=...)`, wrapped in a module whose forward(idx) returns `.logits`, so the same
 `evaluate` runs on them.
@@ -37,12 +43,17 @@ Columns.
   them + the fp32 mean. Constant code books (16 NF4 levels, the 256-value dynamic map) are not counted,
   nor buffers that are no weights (rotary frequencies). For bitsandbytes: as loaded, before any forward
   (see "CPU repacking" below for what its CPU inference then holds; the JSON has both);
-- linear bytes: the same count for the 28 decoder linear layers alone (what quantization acts on);
+- linear bytes: the same count for the decoder's linear layers alone (what quantization acts on; 4 x 7 = 28
+  for the cpu preset);
 - val loss/char (nats per character), val ppl (per token, exp of the loss per token), delta loss: the
   loss per token minus fp32's (the char tokenizer makes a token one character, so both are the same here);
+- KL vs fp32: mean KL(p_fp32 || p) of the next-token distributions over the first val batch (2,048
+  positions for the cpu preset), nats: the distance the quantization moved the model, which a loss change
+  of a few 1e-4 (noise-sized for int8) does not resolve;
 - tokens/s: validation tokens over the wall time of `evaluate` over the whole split (forward, loss,
   accuracy), after one warm-up forward of the first batch; torch's threads as the machine sets them
-  (recorded in the JSON).
+  (recorded in the JSON). In parentheses the median over batches of each batch's tokens/s, which a burst
+  of load from other processes on a shared machine moves much less than the wall time.
 
 CPU repacking (bitsandbytes 0.50 on a CPU with AVX512-BF16): in eval mode without gradients, `Linear4bit`
 converts its weight at the first forward to a CPU layout whose block absmax is bfloat16 (double quantization
@@ -59,6 +70,7 @@ import copy
 import dataclasses
 import json
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -67,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.models.llama import Llama, save_hf
@@ -178,9 +191,11 @@ def _bnb_state_bytes(module: nn.Module) -> int:
     books excluded; 0 for any other module."""
     if not type(module).__module__.startswith("bitsandbytes"):
         return 0
+    import bitsandbytes.nn as bnb_nn
+
     weight = module.weight
-    if getattr(weight, "SCB", None) is not None:  # Int8Params: fp32 absmax per row
-        return _nbytes(weight.SCB)
+    if isinstance(module, bnb_nn.Linear8bitLt):  # fp32 absmax per row: on the weight until the first forward
+        return _nbytes(weight.SCB if weight.SCB is not None else module.state.SCB)  # moves it to the state
     state = getattr(weight, "quant_state", None)
     if state is None:  # not a 4-bit weight
         return 0
@@ -205,28 +220,57 @@ def model_bytes(model: nn.Module, names: Iterable[str]) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------------ timing
 class _Counting:
-    """A loader that counts the tokens it yields (the task's units)."""
+    """A loader that counts the tokens it yields (the task's units) and times what the consumer does with
+    each batch (from handing it out to being asked for the next)."""
 
     def __init__(self, loader: Iterable, task: Any) -> None:
-        self.loader, self.task, self.tokens = loader, task, 0
+        self.loader, self.task = loader, task
+        self.tokens, self.batch_rates = 0, []  # rates: tokens / s of each batch
 
     def __iter__(self) -> Iterator:
         for batch in self.loader:
-            self.tokens += self.task.units(batch)
+            n = self.task.units(batch)
+            self.tokens += n
+            t0 = time.perf_counter()
             yield batch
+            self.batch_rates.append(n / (time.perf_counter() - t0))
 
 
-def measure(model: nn.Module, task: Any, loader: Iterable) -> dict[str, float]:
-    """`evaluate`'s metrics on the loader plus tokens/s: one warm-up forward of the first batch, then the
-    whole split timed."""
+def first_batch_logits(model: nn.Module, loader: Iterable) -> Tensor:
+    """Logits [B, T, V] (float32) of the first batch: the warm-up forward, kept for the KL column."""
     model.eval()
     with torch.no_grad():
-        model(next(iter(loader))[0])
+        return model(next(iter(loader))[0]).float()
+
+
+def kl_per_token(logits: Tensor, ref: Tensor) -> float:
+    """Mean KL(p_ref || p) over the positions, nats: how far the next-token distributions moved."""
+    logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+    logp_ref = torch.log_softmax(ref.reshape(-1, ref.shape[-1]), dim=-1)
+    return (F.kl_div(logp, logp_ref, log_target=True, reduction="sum") / logp.shape[0]).item()
+
+
+def measure(
+    model: nn.Module, task: Any, loader: Iterable, ref_logits: Tensor | None = None
+) -> dict[str, float]:
+    """`evaluate`'s metrics on the loader, tokens/s (one warm-up forward of the first batch, then the whole
+    split timed; also the median over batches of each batch's tokens/s) and, given the fp32 model's logits
+    of the first batch, the KL from them to this model's."""
+    logits = first_batch_logits(model, loader)  # the warm-up
     counted = _Counting(loader, task)
     t0 = time.perf_counter()
     metrics = evaluate(model, task, counted, torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    return {**metrics, "tokens": counted.tokens, "eval_s": seconds, "tokens_per_s": counted.tokens / seconds}
+    out = {
+        **metrics,
+        "tokens": counted.tokens,
+        "eval_s": seconds,
+        "tokens_per_s": counted.tokens / seconds,
+        "tokens_per_s_median_batch": statistics.median(counted.batch_rates),
+    }
+    if ref_logits is not None:
+        out["kl_vs_fp32"] = kl_per_token(logits, ref_logits)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- table
@@ -251,6 +295,7 @@ def quant_table(
     if not isinstance(base, Llama):
         raise TypeError(f"{run_dir} holds a {type(base).__name__}, not a LLaMA: the table needs save_hf")
     names = linear_names(base)
+    ref_logits = first_batch_logits(base, loader)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="quant-table-") as tmp:
         hf_dir = save_hf(base, Path(tmp) / "hf")
@@ -259,7 +304,7 @@ def quant_table(
             try:
                 model = cfg.build(base, hf_dir)
                 row["weight_bytes"], row["linear_bytes"] = model_bytes(model, names)
-                row.update(measure(model, task, loader))
+                row.update(measure(model, task, loader, ref_logits))
                 if isinstance(model, HFLogits):  # bitsandbytes' CPU kernels may repack at the first forward
                     after = model_bytes(model, names)
                     row["weight_bytes_after_eval"], row["linear_bytes_after_eval"] = after
@@ -300,16 +345,17 @@ def _summary(row: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     head = "| configuration | implementation | weight MiB | linear layers MiB | val loss/char | val ppl | "
-    head += "Δ loss vs fp32 | tokens/s |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    head += "Δ loss vs fp32 | KL vs fp32 (batch 1) | tokens/s (median batch) |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['impl']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['config']} | {r['impl']} | failed: {r['error']} | | | | | | |")
             continue
+        mib, linear_mib = r["weight_bytes"] / 2**20, r["linear_bytes"] / 2**20
         lines.append(
-            f"| {r['config']} | {r['impl']} | {r['weight_bytes'] / 2**20:.3f} | {r['linear_bytes'] / 2**20:.3f}"
+            f"| {r['config']} | {r['impl']} | {mib:.3f} | {linear_mib:.3f}"
             f" | {r.get('loss_per_char', r['loss']):.4f} | {r['ppl']:.2f} | {r.get('delta_loss', 0.0):+.4f}"
-            f" | {r['tokens_per_s']:,.0f} |"
+            f" | {r['kl_vs_fp32']:.2e} | {r['tokens_per_s']:,.0f} ({r['tokens_per_s_median_batch']:,.0f}) |"
         )
     return "\n".join(lines)
 
