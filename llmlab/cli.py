@@ -75,7 +75,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"sweep-{plan.recipe}-{plan.preset}"
     n, seeds = len(plan.runs()), len(plan.seeds)
     print(f"sweep: {n} runs ({n // seeds} grid points x {seeds} seeds) in {out}")
-    table = run_sweep(plan, out, device=args.device, data_dir=args.data_dir)
+    table = run_sweep(plan, out, device=args.device, data_dir=args.data_dir, plot_metric=args.plot_metric)
     print(table)
     print(f"(written to {out / 'sweep.md'})", file=sys.stderr)
     return 0
@@ -296,12 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="run a grid of config values over seeds and compare them in one table",
         description="Run every combination of the listed values (key=v1,v2; for tuple-valued keys "
-        "key=a,b;c,d), each over --seeds seeds, then write sweep.md with mean ± std per grid point.",
+        "key=a,b;c,d), each over --seeds seeds, then write sweep.md with mean ± std per grid point; with one "
+        "numeric axis also sweep.png, the metric of --plot-metric against it.",
     )
     p.add_argument("recipe")
     p.add_argument("--preset", default=None)
     p.add_argument("--seeds", type=int, default=1, help="repeat each grid point with seeds 0..N-1")
     p.add_argument("--out", type=Path, default=None, help="sweep folder (default: runs/sweep-RECIPE-PRESET)")
+    p.add_argument(
+        "--plot-metric",
+        default=None,
+        help="metric of sweep.png (default: the preset's target, else val/loss)",
+    )
     device_and_data(p)
     p.add_argument("overrides", nargs="*", metavar="key=v1,v2")
     p.set_defaults(func=_cmd_sweep)

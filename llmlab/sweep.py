@@ -105,8 +105,16 @@ def _completed(run_dir: Path) -> bool:
         return False
 
 
-def run_sweep(plan: SweepPlan, out: Path, device: str = "auto", data_dir: Path | None = None) -> str:
-    """Run every (grid point, seed) not yet completed under `out`, then write and return sweep.md."""
+def run_sweep(
+    plan: SweepPlan,
+    out: Path,
+    device: str = "auto",
+    data_dir: Path | None = None,
+    plot_metric: str | None = None,
+) -> str:
+    """Run every (grid point, seed) not yet completed under `out`, then write and return sweep.md (and, for
+    one numeric axis, sweep.png: `plot_metric` — default the preset's target metric, else val/loss — against
+    it, with the same metric before fine-tuning as a reference line where runs record `<metric>_before`)."""
     from llmlab.report import aggregate_runs, compare_runs
 
     out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +164,16 @@ def run_sweep(plan: SweepPlan, out: Path, device: str = "auto", data_dir: Path |
         "",
         compare_runs(dirs),
     ]
+    if len(plan.axes) == 1 and len(dirs) > 1:
+        from llmlab.report.sweep_plot import SWEEP_PLOT, write_sweep_plot
+
+        (axis,) = plan.axes
+        target = get_recipe(plan.recipe).target(plan.preset)
+        metric = plot_metric or (target.metric if target else "val/loss")
+        title = f"{plan.recipe} --preset {plan.preset}, {len(plan.seeds)} seed(s) per point"
+        png = write_sweep_plot(dirs, axis, metric, out / SWEEP_PLOT, [f"{metric}_before"], title)
+        if png is not None:
+            text += ["", f"![{metric} against {axis}]({SWEEP_PLOT})"]
     if failed:
         text += ["", "## Runs that failed", "", *[f"- {f}" for f in failed]]
     table = "\n".join(text) + "\n"

@@ -611,7 +611,7 @@ def aggregate_runs(runs: Sequence[RunRecord | str | Path], group_by: list[str] |
         names.insert(0, target_metric)
 
     headers = ["recipe", "preset"] + [k for k in keys if k not in SPECIAL_GROUP_KEYS]
-    headers += ["runs", "seeds", "target met"] + names
+    headers += ["runs", "seeds", "target met"] + names + ["throughput", "peak memory"]
     rows = []
     for g in groups:
         row = [_distinct(g.runs, "recipe"), _distinct(g.runs, "preset")]
@@ -627,9 +627,30 @@ def aggregate_runs(runs: Sequence[RunRecord | str | Path], group_by: list[str] |
             f"{g.met}/{g.evaluated}" if g.evaluated else DASH,
         ]
         row += [fmt_mean_std(n, g.metrics.get(n)) for n in names]
+        peak = _mean_of((r.result or {}).get("peak_memory_mb") for r in g.runs)
+        row += [_mean_throughput(g.runs), fmt_memory(peak)]
         rows.append(row)
-    caption = "_mean ± sample std (n - 1 denominator) over the runs of each group; (n) counts finite values._"
+    caption = (
+        "_mean ± sample std (n - 1 denominator) over the runs of each group; (n) counts finite values; "
+        "throughput (training) and peak memory (process) are means over the runs._"
+    )
     return md_table(headers, rows) + "\n\n" + caption
+
+
+def _mean_of(values: Any) -> float | None:
+    finite = [float(v) for v in values if is_finite_number(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def _mean_throughput(runs: list[RunRecord]) -> str:
+    """The mean of the runs' result.json throughput ({"value", "unit"} or a number), formatted."""
+    items = [(r.result or {}).get("throughput") for r in runs]
+    values = [t.get("value") if isinstance(t, dict) else t for t in items]
+    units = {t.get("unit") for t in items if isinstance(t, dict)}
+    mean = _mean_of(values)
+    if mean is None:
+        return DASH
+    return fmt_throughput({"value": mean, "unit": units.pop()} if len(units) == 1 else mean)
 
 
 def fmt_mean_std(name: str, stats: MetricStats | None) -> str:
