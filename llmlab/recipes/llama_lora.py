@@ -315,12 +315,17 @@ class LlamaLoRA(GPTFinetune):
                 run_dir, model
             )  # model.safetensors, or the latest checkpoint of an unfinished run
             return
+        from llmlab.train.checkpoint import CheckpointError
+
         remove_lora(model, merge=False)
         method = cfg.finetune.method
-        load_adapter(
-            model, adapter, check_base=method == "lora", linear_types=_linear_types(method),
-            row_map=lora_row_map(model.cfg),
-        )  # fmt: skip
+        try:
+            load_adapter(
+                model, adapter, check_base=method == "lora", linear_types=_linear_types(method),
+                row_map=lora_row_map(model.cfg),
+            )  # fmt: skip
+        except (ValueError, OSError) as err:  # a damaged or foreign adapter: refused, nothing half-loaded
+            raise CheckpointError(f"{run_dir}: its adapter cannot be loaded: {err}") from err
 
     def load_trained(self, run_dir: Path, cfg: LlamaLoRAConfig, tok: Any) -> nn.Module:
         """The init rebuilt, this run's adapter loaded and merged: one plain float32 LLaMA."""

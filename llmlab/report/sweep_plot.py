@@ -33,9 +33,12 @@ def write_sweep_plot(
     out: Path,
     references: Sequence[str] = (),
     title: str = "",
+    lines: dict[str, float] | None = None,
 ) -> Path | None:
     """Draw `metric` against config key `axis` over `runs` into `out`; None (no file) when fewer than two
-    axis values carry the metric, or an axis value is not a number."""
+    axis values carry the metric, or an axis value is not a number. `references`: metrics of the same runs
+    drawn as horizontal lines (their mean); `lines`: more horizontal lines, {label: value} (e.g. another
+    method's result)."""
     points: dict[float, list[float]] = {}
     refs: dict[str, list[float]] = {r: [] for r in references}
     for run in runs:
@@ -61,9 +64,10 @@ def write_sweep_plot(
     for x in xs:
         ax.scatter([x] * len(points[x]), points[x], color="tab:blue", alpha=0.3, s=12)
     ax.errorbar(xs, means, yerr=stds, color="tab:blue", marker="o", capsize=3, label=f"{metric} (mean ± std)")
-    for (name, values), color in zip(refs.items(), ("tab:gray", "tab:red", "tab:green"), strict=False):
-        if values:
-            ax.axhline(statistics.fmean(values), color=color, linestyle="--", label=name)
+    levels = {name: statistics.fmean(values) for name, values in refs.items() if values} | (lines or {})
+    colors = ("tab:gray", "tab:red", "tab:green", "tab:purple", "tab:brown")
+    for (name, value), color in zip(levels.items(), colors, strict=False):
+        ax.axhline(value, color=color, linestyle="--", label=name)
     if xs[0] > 0 and xs[-1] / xs[0] >= 8:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])

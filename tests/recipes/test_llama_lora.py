@@ -161,3 +161,15 @@ def test_clear_errors(base_run, target_text, tmp_path, capsys):
     fails([*smoke, 'lora.target_modules=["q_proj","nope"]'], "nope")
     fails([*smoke, "model.hidden_size=64"], "model.hidden_size=64 (the init's: 32)")
     fails([*smoke, "finetune.method=dora"], "finetune.method")
+
+
+def test_a_damaged_adapter_is_a_clear_error(lora_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(lora_run, copy, ignore=shutil.ignore_patterns("checkpoints", "merged", "tb"))
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert main(["eval", str(copy), "--split", "val", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "its adapter cannot be loaded" in err and "Traceback" not in err, err
