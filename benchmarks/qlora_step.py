@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from llmlab.models.llama import LLAMA_PRESETS, Llama, LlamaConfig, rope_inv_freq
 from llmlab.nn.lora import LoRAConfig, inject_lora
 from llmlab.nn.quant import NF4Linear, quantize_model, weight_bytes
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from llmlab.recipes.llama_lora import ALL_LINEAR
 
 
 def _init(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> None:

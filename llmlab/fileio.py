@@ -1,12 +1,14 @@
 """Atomic file writes: readers see the old file or the new one, never half of one, even after a kill.
 
 Write to a temporary file in the same folder, fsync it, then os.replace() it over the target (an atomic
-rename on POSIX file systems). Used for checkpoints, run records, caches, vocabularies and downloads.
+rename on POSIX file systems); `atomic_dir` does the same for a folder. Used for checkpoints, run records,
+caches, vocabularies, downloads and adapters.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +33,23 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `path`; when the block succeeds, it takes `path`'s place (an
+    existing folder there is removed first), so `path` is never a half-written folder. On any error the
+    temporary folder is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

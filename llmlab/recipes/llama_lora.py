@@ -45,8 +45,6 @@ them with byte fallback). Not measured here (no GPU, no Hub).
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +53,7 @@ import torch
 from torch import nn
 
 from llmlab.config import ConfigError
+from llmlab.fileio import atomic_dir
 from llmlab.models.llama import Llama, LlamaConfig, lora_row_map, save_hf
 from llmlab.nn.attention import AttentionImpl
 from llmlab.nn.lora import (
@@ -342,15 +341,11 @@ def write_adapter(
     model: nn.Module, out: Path, cfg: LlamaLoRAConfig, source: str, checksum: str | None
 ) -> None:
     """The PEFT adapter of `model` at `out`, atomically (written beside, then renamed)."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(
-        model, tmp, cfg.lora, base_model_name_or_path=source, base_checksum=checksum,
-        linear_types=_linear_types(cfg.finetune.method), row_map=lora_row_map(model.cfg),
-    )  # fmt: skip
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        save_adapter(
+            model, tmp, cfg.lora, base_model_name_or_path=source, base_checksum=checksum,
+            linear_types=_linear_types(cfg.finetune.method), row_map=lora_row_map(model.cfg),
+        )  # fmt: skip
 
 
 def merged_float(model: nn.Module) -> nn.Module:
@@ -371,12 +366,8 @@ def merged_float(model: nn.Module) -> nn.Module:
 
 def export_merged(model: nn.Module, out: Path) -> None:
     """RUN/merged/: an HF LlamaForCausalLM directory of the merged float32 model, atomically."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(merged_float(model).float(), tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        save_hf(merged_float(model).float(), tmp)
 
 
 def nf4_merge_error(model: nn.Module) -> float:
