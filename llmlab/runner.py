@@ -9,6 +9,7 @@ config is valid and the data is found, and an existing run is never overwritten:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -53,9 +54,12 @@ def resolve_config(recipe_name: str, preset: str | None, overrides: Sequence[str
 
 # How the work is spread, not what is computed: a checkpoint holds the full state in one format for every
 # engine, so a run may continue under another one (and on another number of processes).
+# How the work is spread, not what is computed: a run may resume under other values (its checkpoints hold
+# whole weights and optimizer states). parallel.*: gpt-tp's tensor-parallel size, engine and timing.
 ENGINE_KEYS = frozenset(
-    {"train.strategy", "train.ds_stage", "train.offload", "train.activation_checkpointing"}
-)
+    {"train.strategy", "train.ds_stage", "train.offload", "train.activation_checkpointing", "parallel.tp",
+     "parallel.engine", "parallel.time_comm"}
+)  # fmt: skip
 
 
 def _check_resume(out: Path, recipe: Any, preset: str, cfg: Any) -> None:
@@ -91,9 +95,9 @@ def _record_engine_change(out: Path, cfg: Any) -> None:
     if not changed:
         return
     stored.setdefault("resumed_from_engine", []).append(changed)
-    section = stored["config"]["train"]
     for key in changed:
-        section[key.split(".", 1)[1]] = new[key]
+        group, name = key.split(".", 1)
+        stored["config"][group][name] = new[key]
     write_json(out / "config.json", stored)
 
 
@@ -118,6 +122,7 @@ def run(
             f"{out} already holds a run; continue it with --resume or choose another --out"
         )
 
+    recipe.check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group work
     dev = resolve_device(device, local_rank_from_env())
     env = init_distributed(dev)
     set_deterministic(cfg.train.deterministic)
@@ -128,7 +133,7 @@ def run(
     )
     exp = recipe.build(cfg, ctx)
     # switches this model or launch cannot honour: before anything is written
-    check_config(cfg.train, exp.model, env, resolve_precision(cfg.train.precision, dev))
+    check_config(cfg.train, exp.model, exp.dist or env, resolve_precision(cfg.train.precision, dev))
     if env.enabled:
         # Same initial weights everywhere (DDP also broadcasts them); different dropout masks per process.
         torch.manual_seed(cfg.seed + 1000 * env.rank)
@@ -155,7 +160,7 @@ def run(
     cbs.extend(callbacks)
 
     name = f"{recipe.name}:{preset}"
-    outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, env, name)
+    outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, exp.dist or env, name)
 
     notes = list(exp.notes)
     if exp.final_eval is not None and outcome.status == "completed":

@@ -10,6 +10,7 @@ from llmlab.recipes.base import BuildContext, Experiment, Recipe, Target
 from llmlab.recipes.cifar10_resnet import Cifar10ResNet18, Cifar10ResNet20
 from llmlab.recipes.gpt_finetune import GPTFinetune
 from llmlab.recipes.gpt_lm import ChineseGPT, ShakespeareGPT
+from llmlab.recipes.gpt_tp import TensorParallelGPT
 from llmlab.recipes.imdb_rnn import ImdbGRU, ImdbLSTM
 from llmlab.recipes.llama_lm import LlamaPretrain
 from llmlab.recipes.llama_lora import LlamaLoRA
@@ -32,6 +33,7 @@ RECIPES: dict[str, Recipe] = {
         GPTFinetune(),
         LlamaPretrain(),
         LlamaLoRA(),
+        TensorParallelGPT(),
     )
 }
 

@@ -83,6 +83,9 @@ class Experiment:
     # Trainer's weights as RUN_DIR/model.safetensors. E.g. a Hugging Face model directory, RUN_DIR/model/.
     save_model: Callable[[nn.Module, Path], None] | None = None
     load_model: Callable[[nn.Module, Path], None] | None = None
+    # The processes as the Trainer sees them, when the model is split over some of them (tensor parallelism:
+    # the data-parallel replicas, llmlab/parallel/layout.py); None: every process is a replica.
+    dist: DistEnv | None = None
 
 
 @dataclass
@@ -133,6 +136,9 @@ class Recipe:
 
     def target(self, preset: str) -> Target | None:
         return self.targets.get(preset)
+
+    def check_launch(self, cfg: Any, world_size: int) -> None:
+        """Refuse (ConfigError) a config this many processes cannot run, before any process group exists."""
 
     def build(self, cfg: Any, ctx: BuildContext) -> Experiment:
         raise NotImplementedError

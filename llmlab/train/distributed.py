@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,18 +20,32 @@ class DeviceError(RuntimeError):
 
 @dataclass(frozen=True)
 class DistEnv:
+    """The processes as the Trainer sees them: `rank` / `world_size` among the data-parallel replicas, which
+    are all processes unless a model is split over some of them (tensor parallelism,
+    llmlab/parallel/layout.py): then `group` is this process's data-parallel group, `global_rank` its rank
+    among all `processes`, and only global rank 0 writes files."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    group: Any = None  # the data-parallel process group; None: all processes
+    global_rank: int | None = None  # None: the same as rank
+    processes: int | None = None  # None: the same as world_size
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return (self.rank if self.global_rank is None else self.global_rank) == 0
 
     @property
     def enabled(self) -> bool:
+        """Several data-parallel replicas (their gradients and statistics are all-reduced)."""
         return self.world_size > 1
+
+    @property
+    def multi_process(self) -> bool:
+        """Several processes at all (they must agree on when to stop)."""
+        return (self.world_size if self.processes is None else self.processes) > 1
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -67,7 +82,7 @@ def local_rank_from_env() -> int:
 def all_reduce_sum_(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """In place: the sum over all processes (no-op in a single process)."""
     if env.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=env.group)
     return tensor
 
 
@@ -78,7 +93,7 @@ def average_gradients_(params: list[torch.nn.Parameter], env: DistEnv) -> None:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=env.group)
     flat /= env.world_size
     offset = 0
     for g in grads:
@@ -87,10 +102,11 @@ def average_gradients_(params: list[torch.nn.Parameter], env: DistEnv) -> None:
 
 
 def barrier(env: DistEnv) -> None:
-    if env.enabled:
+    """Every process (not only the data-parallel group) waits for the others."""
+    if env.multi_process:
         dist.barrier()
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
+    if env.multi_process and dist.is_initialized():
         dist.destroy_process_group()

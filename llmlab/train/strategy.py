@@ -56,6 +56,12 @@ def check_config(cfg: Any, model: nn.Module, env: DistEnv, precision: str) -> No
         raise ConfigError(f"unknown train.strategy {cfg.strategy!r}: one of {', '.join(STRATEGIES)}")
     if cfg.offload != "none" and cfg.strategy != "deepspeed":
         raise ConfigError(f"train.offload={cfg.offload} is a DeepSpeed feature: set train.strategy=deepspeed")
+    if getattr(model, "parallel_layout", None) is not None and cfg.strategy != "ddp":
+        raise ConfigError(
+            f"train.strategy={cfg.strategy} with a tensor-parallel model: TP × DP uses train.strategy=ddp "
+            "(gradients averaged over the data-parallel group); ZeRO / FSDP / DeepSpeed on top of TP are not "
+            "supported"
+        )
     if cfg.strategy == "accelerate":
         from llmlab.train.strategy_accelerate import check_accelerate
 
@@ -126,6 +132,10 @@ class Strategy:
         """Around the forward and backward of a micro-batch: no gradient exchange unless `last`."""
         return contextlib.nullcontext()
 
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """Around an evaluation (e.g. to keep its communication out of the training figures)."""
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
         scaler.scale(loss).backward()
 
@@ -165,6 +175,11 @@ class Strategy:
     def finish(self) -> nn.Module:
         """After training: the whole model, usable on one process (for decoding and saving)."""
         return self.raw_model
+
+    def log_fields(self, steps: int, seconds: float, units: float) -> dict[str, float]:
+        """Extra figures for the train log line closing an interval of `steps` steps, `seconds` of training
+        and `units` units (summed over the data-parallel replicas)."""
+        return {}
 
 
 def tensor_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -310,6 +325,10 @@ def make_strategy(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, 
                   device: torch.device, manual: bool, precision: str = "fp32") -> Strategy:  # fmt: skip
     """The strategy `cfg.strategy` names (a TrainConfig; a bare name is accepted for the plain ones)."""
     name = cfg if isinstance(cfg, str) else cfg.strategy
+    if name == "ddp" and getattr(model, "parallel_layout", None) is not None:
+        from llmlab.train.strategy_tp import TensorParallelStrategy
+
+        return TensorParallelStrategy(model, optimizer, env, device, precision)
     if name == "ddp":
         return DataParallelStrategy(model, optimizer, env, device, manual)
     if manual:

@@ -189,7 +189,7 @@ class Trainer:
         self.last_lr = self.lr()
         # Memory of the first step, measured beside the prediction (memory.json; `llmlab memory` predicts)
         self.memory_probe = None
-        if not self.manual:
+        if not self.manual and getattr(self.strategy, "memory_probe", True):
             from llmlab.memory import MemoryProbe
 
             self.memory_probe = MemoryProbe.for_trainer(self, step=0)
@@ -289,6 +289,7 @@ class Trainer:
 
     def _accumulate(self, loss_sum: torch.Tensor, n: int, sums: dict, grad_norm: float | None) -> None:
         iv = self._interval
+        iv["steps"] = iv.get("steps", 0) + 1
         iv["loss_sum"] = iv.get("loss_sum", 0) + loss_sum
         iv["n"] = iv.get("n", 0) + n
         for k, v in sums.items():
@@ -318,6 +319,8 @@ class Trainer:
         }
         if "grad_norm" in iv:
             record["grad_norm"] = iv["grad_norm"]
+        # e.g. tensor parallelism: communication vs compute time per step, bytes, MFU
+        record.update(self.strategy.log_fields(iv["steps"], interval_time, packed[1]))
         if self.scaler.is_enabled():  # fp16: the dynamic loss scale (halved on overflow, doubled when stable)
             record["loss_scale"] = self.scaler.get_scale()
         self._emit("on_log", record)
@@ -325,7 +328,8 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         model = self.strategy.eval_model  # FSDP2 / DeepSpeed-3: the sharded module, run on every process
-        return evaluate(model, self.task, loader, self.device, self.dist, self.autocast)
+        with self.strategy.evaluating():
+            return evaluate(model, self.task, loader, self.device, self.dist, self.autocast)
 
     def _run_evals(self, loaders: dict[str, Iterable]) -> None:
         for split, loader in loaders.items():
@@ -368,7 +372,7 @@ class Trainer:
         # gloo/NCCL move tensors, not Python objects: no pickle crosses processes.
         local = mine.to(self.device)
         gathered = [torch.empty_like(local) for _ in range(self.dist.world_size)]
-        dist.all_gather(gathered, local)
+        dist.all_gather(gathered, local, group=self.dist.group)
         return [g.cpu() for g in gathered]
 
     def save_checkpoint(self) -> Path | None:
@@ -390,7 +394,7 @@ class Trainer:
                 keep=self.cfg.keep_checkpoints,
             )
             self._emit("on_checkpoint", path)
-        if self.dist.enabled:
+        if self.dist.multi_process:
             dist.barrier()
         return path
 
@@ -432,7 +436,7 @@ class Trainer:
     def _time_is_up(self) -> bool:
         # Clocks differ between processes: stop when any of them is out of time, all at the same step.
         flag = torch.tensor(float(self.train_time_s >= self.cfg.max_time_s), device=self.device)
-        if self.dist.enabled:
+        if self.dist.multi_process:  # all processes, tensor-parallel ones included
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
