@@ -348,7 +348,7 @@ def evaluate_run(
             f"llmlab eval changes only decoding settings (decode.*), not {', '.join(changed)}: the weights "
             "belong to the run's model and data"
         )
-    cfg = apply_overrides(cfg, list(overrides))
+    cfg = recipe.eval_config(apply_overrides(cfg, list(overrides)))
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     exp = recipe.build(

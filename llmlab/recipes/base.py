@@ -137,6 +137,11 @@ class Recipe:
     def target(self, preset: str) -> Target | None:
         return self.targets.get(preset)
 
+    def eval_config(self, cfg: Any) -> Any:
+        """The config `llmlab eval` rebuilds a finished run with, on one process (e.g. a tensor-parallel run's
+        whole weights evaluated without splitting the model)."""
+        return cfg
+
     def check_launch(self, cfg: Any, world_size: int) -> None:
         """Refuse (ConfigError) a config this many processes cannot run, before any process group exists."""
 

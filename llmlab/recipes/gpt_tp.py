@@ -95,10 +95,11 @@ def _smoke() -> TPLMConfig:
 
 
 def _cpu() -> TPLMConfig:
-    """TinyShakespeare, characters, 4 layers of width 256 (8 heads), context 128, batches of 16 windows (2,048
-    tokens), 300 steps: minutes under 1, 2 or 4 gloo processes on a 2-core CPU (docs/results.md, Stage 8)."""
+    """TinyShakespeare, characters, nanoGPT's CPU width (4 layers of 128) with 8 heads (so TP 2 and 4 split
+    them) and context 128, batches of 16 windows (2,048 tokens), 300 steps: a few minutes under 1, 2 or 4
+    gloo processes on a 2-core CPU (docs/results.md, Stage 8)."""
     return TPLMConfig(
-        model=GPTConfig(vocab_size=0, block_size=128, n_layer=4, n_head=8, n_embd=256, activation="gelu"),
+        model=GPTConfig(vocab_size=0, block_size=128, n_layer=4, n_head=8, n_embd=128, activation="gelu"),
         data=LMDataConfig(corpus="tinyshakespeare", tokenizer="char", eval_batches=20),
         samples=LMSampleConfig(count=1, max_new_tokens=200),
         train=TrainConfig(
@@ -180,7 +181,7 @@ class TensorParallelGPT(_LMRecipe):
     default_preset = "cpu"
     preset_help = {
         "default": "GPT-2 small (124M), context 1024, GPT-2 BPE, 1,000 steps: for GPUs (TP 1, 2 or 4)",
-        "cpu": "4 layers, 256 wide, 8 heads, context 128, 300 steps: 1, 2 or 4 gloo processes on a CPU",
+        "cpu": "4 layers, 128 wide, 8 heads, context 128, 300 steps: 1, 2 or 4 gloo processes on a CPU",
         "smoke": "synthetic sentences, a tiny model (4 heads: TP 1, 2 or 4), seconds (the test suite)",
     }
     targets = {
@@ -188,6 +189,10 @@ class TensorParallelGPT(_LMRecipe):
         "cpu": Target("val/loss", 2.1, higher_is_better=False),
         "smoke": Target("val/loss", 2.0, higher_is_better=False),
     }
+
+    def eval_config(self, cfg: TPLMConfig) -> TPLMConfig:
+        """A finished run's weights are the whole GPT: evaluated on one process, not split."""
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=1, engine="ours"))
 
     def check_launch(self, cfg: TPLMConfig, world_size: int) -> None:
         from llmlab.parallel.layout import check_tp_layout
@@ -232,6 +237,7 @@ class TensorParallelGPT(_LMRecipe):
         if p.engine == "ours":
             parallelize_gpt(model, layout.tp, p.pad_vocab_multiple)
             exp.task = VocabParallelLMTask(chars_per_token=data.chars_per_token)
+            exp.load_model = _load_whole  # `llmlab eval`: the saved whole GPT into this (TP 1) model
         else:
             parallelize_dtensor(model, layout.mesh["tp"])
         model.parallel_layout = layout
@@ -262,6 +268,18 @@ class TensorParallelGPT(_LMRecipe):
         return exp
 
 
+def _load_whole(model: nn.Module, run_dir: Path) -> None:
+    """A run's model.safetensors (the whole GPT's weights) into a tensor-parallel GPT's part."""
+    from llmlab.parallel.tp_gpt import load_full_state_dict
+    from llmlab.train.checkpoint import CheckpointError, load_weights
+
+    weights = load_weights(run_dir / "model.safetensors")
+    try:
+        load_full_state_dict(model, {k: v.to(next(model.parameters()).device) for k, v in weights.items()})
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{run_dir}: the weights do not fit the run's model config: {err}") from err
+
+
 class _TPSection:
     """`final_eval`: the samples, and the report section on compute vs communication per step."""
 
@@ -276,6 +294,7 @@ class _TPSection:
         rows = [r for r in rows if r.get("split") == "train" and "compute_s" in r]
         from llmlab.fileio import atomic_write_text
 
+        (run_dir / "sections").mkdir(exist_ok=True)
         if not rows:  # the DTensor engine: torch's collectives are not timed one by one
             t, d = self.layout.tp.size, self.layout.dp.size
             atomic_write_text(

@@ -45,7 +45,7 @@ def _rows(run_dir: Path) -> list[dict]:
     [(2, ["parallel.tp=2"]), (4, ["parallel.tp=2"]), (2, ["parallel.tp=2", "parallel.engine=dtensor"])],
     ids=["tp2", "tp2xdp2", "dtensor-tp2"],
 )
-def test_tensor_parallel_runs_take_the_steps_of_one_process(one_process_run, tmp_path, nproc, extra):
+def test_tensor_parallel_runs_take_the_steps_of_one_process(one_process_run, tmp_path, capsys, nproc, extra):
     from llmlab.train.checkpoint import load_weights
 
     out = tmp_path / "run"
@@ -72,6 +72,12 @@ def test_tensor_parallel_runs_take_the_steps_of_one_process(one_process_run, tmp
         assert last["tp_allreduce_bytes_megatron"] < last["tp_allreduce_bytes_theory"]
         # DP: one flat all-reduce of this rank's gradients (half of the model's matrices under TP 2)
         assert (last["dp_allreduce_bytes"] > 0) == (nproc == 4)
+    if nproc == 2 and "parallel.engine=dtensor" not in extra:  # a TP 2 run evaluates on one process
+        capsys.readouterr()
+        assert main(["eval", str(out), "--split", "val"]) == 0
+        printed = capsys.readouterr().out
+        metrics = json.loads(printed[printed.rindex("{\n") :])
+        assert metrics["val/loss"] == pytest.approx(result["metrics"]["val/loss"], rel=1e-5)
     section = (out / "sections" / "parallel.md").read_text()
     assert f"TP 2 × DP {nproc // 2}" in section
     assert (out / "parallel.png").is_file() == ("parallel.engine=dtensor" not in extra)
