@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,23 @@ def _cli(*args: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     return {**os.environ, "LLMLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _start(cmd: list[str], err: Path) -> subprocess.Popen:
+    """`cmd` in the background (its stderr to the file `err`), to overlap with the test's other runs."""
+    with err.open("wb") as f:
+        return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _finish(proc: subprocess.Popen, err: Path) -> None:
+    """Wait for `_start`'s process; it must have succeeded (else its stderr's tail fails the test)."""
+    try:
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.read_text(errors="replace")[-3000:]
 
 
 def test_run_directory_holds_the_whole_record(tmp_path):
@@ -78,13 +96,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         "train.eval_every=100",
     ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(
-        _cli("run", "mnist-mlp", *args, "--out", str(straight)),
-        env=_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    # The uninterrupted run goes alongside the killed and resumed one (independent processes of one thread
+    # each, so the same steps; on 2 cores the two overlap).
+    uninterrupted = _start(_cli("run", "mnist-mlp", *args, "--out", str(straight)), tmp_path / "straight.err")
 
     proc = subprocess.Popen(
         _cli("run", "mnist-mlp", *args, "--out", str(killed)),
@@ -110,6 +124,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
+    _finish(uninterrupted, tmp_path / "straight.err")
     a, b = load_weights(straight / "model.safetensors"), load_weights(killed / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
@@ -141,13 +156,8 @@ def test_ddp_two_processes_match_one(tmp_path, impl):
         "train.max_epochs=1",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(
-        _cli("run", "mnist-mlp", *args, "--out", str(one)),
-        env=_env(),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    # the 1-process run goes alongside the launch (one thread per process: the same steps, overlapped)
+    single = _start(_cli("run", "mnist-mlp", *args, "--out", str(one)), tmp_path / "one.err")
     launched = subprocess.run(
         [
             sys.executable,
@@ -169,6 +179,7 @@ def test_ddp_two_processes_match_one(tmp_path, impl):
         text=True,
         timeout=300,
     )
+    _finish(single, tmp_path / "one.err")
     assert launched.returncode == 0, launched.stderr[-3000:]
     result = json.loads((two / "result.json").read_text())
     assert result["world_size"] == 2

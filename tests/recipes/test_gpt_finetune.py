@@ -257,6 +257,7 @@ def test_finetune_under_deepspeed_zero2_on_two_processes(pretrain_run, tmp_path)
     import os
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     pytest.importorskip("deepspeed")
     from llmlab.train.strategy import STRATEGIES
@@ -265,7 +266,6 @@ def test_finetune_under_deepspeed_zero2_on_two_processes(pretrain_run, tmp_path)
         pytest.skip("train.strategy=deepspeed is not available in this llmlab")
     args = ["--preset", "smoke", "--device", "cpu", f"init_from={pretrain_run}", "data.unknown_chars=extend"]
     args += ["train.max_steps=20", "train.eval_every=20", "samples.count=1"]
-    one = run("gpt-finetune", "smoke", args[4:], out=tmp_path / "one", device="cpu")
     env = {**os.environ, "LLMLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -279,7 +279,10 @@ def test_finetune_under_deepspeed_zero2_on_two_processes(pretrain_run, tmp_path)
     ]
     cmd += ["run", "gpt-finetune", *args, "train.strategy=deepspeed", "train.ds_stage=2"]
     cmd += ["--out", str(tmp_path / "ds")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the 1-process run goes while the launch starts up
+        launched = pool.submit(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=600)
+        one = run("gpt-finetune", "smoke", args[4:], out=tmp_path / "one", device="cpu")
+        done = launched.result()
     assert done.returncode == 0, done.stderr[-3000:]
     result = _result(tmp_path / "ds")
     assert result["world_size"] == 2 and result["status"] == "completed"

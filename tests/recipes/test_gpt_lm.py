@@ -120,10 +120,32 @@ def one_process_run(tmp_path_factory) -> Path:
     return out
 
 
+ZERO_RUN = ["run", "shakespeare-gpt", "--preset", "smoke", "--device", "cpu", *ZERO_ARGS]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory) -> Path:
+    """The uninterrupted zero2 run on 2 processes, launched once for the two tests that start from it; each
+    works on its own copy (they drop its last checkpoint and resume)."""
+    out = tmp_path_factory.mktemp("zero2") / "run"
+    torchrun_llmlab([*ZERO_RUN, "train.strategy=zero2", "--out", str(out)])
+    return out
+
+
+def _zero_run(strategy: str, out: Path, request: pytest.FixtureRequest) -> None:
+    """The uninterrupted run of `strategy` on 2 processes in `out` (zero2: a copy of the shared one)."""
+    import shutil
+
+    if strategy == "zero2":
+        shutil.copytree(request.getfixturevalue("zero2_run"), out)
+    else:
+        torchrun_llmlab([*ZERO_RUN, f"train.strategy={strategy}", "--out", str(out)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_our_zero_under_torchrun_takes_the_steps_of_one_process_and_resumes(
-    one_process_run, tmp_path, strategy
+    one_process_run, tmp_path, strategy, request
 ):
     """`train.strategy=zeroN` on 2 gloo processes follows the 1-process run (same global batches) and leaves
     a whole model.safetensors; a run resumed from its step-10 checkpoint (full weights and the gathered
@@ -134,8 +156,7 @@ def test_our_zero_under_torchrun_takes_the_steps_of_one_process_and_resumes(
     from llmlab.train.checkpoint import load_weights
 
     out = tmp_path / strategy
-    args = ["run", "shakespeare-gpt", "--preset", "smoke", "--device", "cpu", *ZERO_ARGS]
-    torchrun_llmlab([*args, f"train.strategy={strategy}", "--out", str(out)])
+    _zero_run(strategy, out, request)
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["status"] == "completed"
     la, lb = _losses(one_process_run), _losses(out)
@@ -149,7 +170,7 @@ def test_our_zero_under_torchrun_takes_the_steps_of_one_process_and_resumes(
     ckpts = out / "checkpoints"
     (ckpts / "latest").unlink()
     shutil.rmtree(ckpts / "step_00000020")
-    torchrun_llmlab([*args, f"train.strategy={strategy}", "--out", str(out), "--resume"])
+    torchrun_llmlab([*ZERO_RUN, f"train.strategy={strategy}", "--out", str(out), "--resume"])
     c = load_weights(out / "model.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
 
@@ -166,7 +187,7 @@ def test_strategy_errors_are_clear(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_zero_checkpoint_resumes_under_another_number_of_processes(one_process_run, tmp_path):
+def test_a_zero_checkpoint_resumes_under_another_number_of_processes(one_process_run, zero2_run, tmp_path):
     """ZeRO checkpoints hold the full weights and the full optimizer state, so a zero2 run interrupted on 2
     processes continues on 4 and ends where the 1-process run does (float32 reduction order only: the same
     2.4e-7-scale differences as above, limit 1e-5)."""
@@ -175,20 +196,10 @@ def test_a_zero_checkpoint_resumes_under_another_number_of_processes(one_process
     from llmlab.train.checkpoint import load_weights
 
     out = tmp_path / "moved"
-    args = [
-        "run",
-        "shakespeare-gpt",
-        "--preset",
-        "smoke",
-        "--device",
-        "cpu",
-        *ZERO_ARGS,
-        "train.strategy=zero2",
-    ]
-    torchrun_llmlab([*args, "--out", str(out)], nproc=2)
+    shutil.copytree(zero2_run, out)  # the zero2 run on 2 processes
     (out / "checkpoints" / "latest").unlink()
     shutil.rmtree(out / "checkpoints" / "step_00000020")
-    torchrun_llmlab([*args, "--out", str(out), "--resume"], nproc=4)
+    torchrun_llmlab([*ZERO_RUN, "train.strategy=zero2", "--out", str(out), "--resume"], nproc=4)
     assert json.loads((out / "result.json").read_text())["world_size"] == 4
     a, b = load_weights(one_process_run / "model.safetensors"), load_weights(out / "model.safetensors")
     assert relative_diff(a, b) < 1e-5

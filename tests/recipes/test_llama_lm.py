@@ -51,14 +51,18 @@ def test_zero3_under_torchrun_takes_the_steps_of_one_process(llama_run, tmp_path
     1-process run on the same global batch: float32 reductions in another order, so per-step losses agree
     to ~1e-6 and the final weights to ~1e-6 relative (measured 2e-7 on GPT-2; 1e-5 leaves room, while a
     wrong gradient average — a factor of 2 — moves the weights by ~1e-2)."""
-    out = tmp_path / "zero3"
-    torchrun_llmlab(
-        ["run", "llama-pretrain", "--preset", "smoke", "--device", "cpu", "--out", str(out),
-         "train.strategy=zero3", "train.max_steps=20", "train.eval_every=0", "samples.count=0"],
-    )  # fmt: skip
-    one = tmp_path / "one"
-    run("llama-pretrain", "smoke", ["train.max_steps=20", "train.eval_every=0", "samples.count=0"], out=one,
-        device="cpu")  # fmt: skip
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, one = tmp_path / "zero3", tmp_path / "one"
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the 1-process run goes while the launch starts up
+        launched = pool.submit(
+            torchrun_llmlab,
+            ["run", "llama-pretrain", "--preset", "smoke", "--device", "cpu", "--out", str(out),
+             "train.strategy=zero3", "train.max_steps=20", "train.eval_every=0", "samples.count=0"],
+        )  # fmt: skip
+        run("llama-pretrain", "smoke", ["train.max_steps=20", "train.eval_every=0", "samples.count=0"],
+            out=one, device="cpu")  # fmt: skip
+        launched.result()
     for a, b in zip(train_rows(one), train_rows(out), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert (
