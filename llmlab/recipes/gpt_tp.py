@@ -296,13 +296,18 @@ class _TPSection:
         from llmlab.fileio import atomic_write_text
 
         (run_dir / "sections").mkdir(exist_ok=True)
-        if not rows:  # the DTensor engine: torch's collectives are not timed one by one
+        if not rows:  # DTensor's collectives run inside torch; parallel.time_comm=false times none
             t, d = self.layout.tp.size, self.layout.dp.size
+            why = (
+                "PyTorch's DTensor runs the TP collectives inside its operators, so their time is not "
+                "separated from compute"
+                if self.p.engine == "dtensor"
+                else "parallel.time_comm=false: the collectives were not timed"
+            )
             atomic_write_text(
                 run_dir / PARALLEL_FILE,
-                f"## Tensor parallelism\n\nTP {t} × DP {d} (engine {self.p.engine}): PyTorch's DTensor "
-                "runs the TP collectives inside its operators, so their time is not separated from compute: "
-                "tokens/s and MFU are in the train log lines (parallel.engine=ours times each collective).\n",
+                f"## Tensor parallelism\n\nTP {t} × DP {d} (engine {self.p.engine}): {why}; tokens/s and MFU "
+                "are in the train log lines (parallel.engine=ours times each collective).\n",
             )
             return out
         from llmlab.report.parallel_plot import plot_comm_compute

@@ -228,8 +228,10 @@ class TensorParallelStrategy(Strategy):
         """Per-step communication and compute figures of the interval just ended (`units` tokens, summed over
         the data-parallel replicas, in `seconds` of training)."""
         meter = self.layout.meter
-        if meter is None or steps == 0:
+        if steps == 0:
             return {}
+        if meter is None:  # parallel.time_comm=false: throughput figures only
+            return self._flops_fields(seconds, units)
         nbytes, secs, _ = meter.take()
         tp_s = sum(v for k, v in secs.items() if k.startswith("tp_")) / steps
         dp_s = secs.get("dp_all_reduce", 0.0) / steps
@@ -247,6 +249,12 @@ class TensorParallelStrategy(Strategy):
                 tp_allreduce_bytes=nbytes.get("tp_all_reduce", 0) / steps,
                 **self.tp_bytes_theory(units / steps / self.layout.dp.size),
             )
+        out.update(self._flops_fields(seconds, units))
+        return out
+
+    def _flops_fields(self, seconds: float, units: float) -> dict[str, float]:
+        """Model TFLOP/s per device and MFU over `seconds` of training that saw `units` tokens."""
+        out: dict[str, float] = {}
         if self.flops_per_token is not None and seconds > 0:
             processes = self.layout.tp.size * self.layout.dp.size
             achieved = units * self.flops_per_token / seconds / processes  # model FLOP/s per process
