@@ -9,11 +9,15 @@ import sys
 from pathlib import Path
 
 
+def torchrun(nproc: int = 2) -> list[str]:
+    """The launcher's prefix: `python -m torch.distributed.run --standalone --nproc_per_node N`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
 def torchrun_llmlab(args: list[str], nproc: int = 2, timeout: float = 900) -> None:
     """`torchrun --standalone --nproc_per_node N -m llmlab ARGS` on gloo; fails the test with its stderr."""
     env = {**os.environ, "LLMLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd += ["-m", "llmlab", *args]
+    cmd = [*torchrun(nproc), "-m", "llmlab", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
 

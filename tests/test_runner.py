@@ -15,6 +15,7 @@ import torch
 
 from llmlab.runner import run
 from llmlab.train.checkpoint import load_weights
+from tests.runs import torchrun
 
 
 def _cli(*args: str) -> list[str]:
@@ -160,12 +161,7 @@ def test_ddp_two_processes_match_one(tmp_path, impl):
     single = _start(_cli("run", "mnist-mlp", *args, "--out", str(one)), tmp_path / "one.err")
     launched = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *torchrun(2),
             "-m",
             "llmlab",
             "run",

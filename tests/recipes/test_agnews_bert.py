@@ -21,6 +21,7 @@ from llmlab.data.agnews import CLASSES
 from llmlab.recipes.agnews_bert import CARVED_NOTE, GlobalBatchSampler, LaunchError, check_world_size
 from llmlab.runner import evaluate_run, run
 from llmlab.train.callbacks import Callback
+from tests.runs import torchrun
 
 # 24 steps of the smoke preset, dropout off (masks are drawn per process), no checkpoints: the DDP runs.
 DDP_ARGS = ["model.dropout=0", "train.max_steps=24", "train.checkpoint_every=-1", "train.eval_every=0"]
@@ -237,14 +238,7 @@ def _launch(launcher: list[str], shared_data: Path, out: Path) -> subprocess.Com
 def test_two_processes_under_torchrun_match_one(shared_data, tmp_path, tmp_path_factory):
     one, two = _one_process(shared_data, tmp_path_factory), tmp_path / "two"
     launched = _launch(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-        ],
+        torchrun(2),
         shared_data,
         two,
     )

@@ -16,6 +16,7 @@ from llmlab.cli import main
 from llmlab.config import ConfigError
 from llmlab.recipes.gpt_lm import SYNTHETIC
 from llmlab.runner import run
+from tests.runs import torchrun
 
 SHORT = ["train.max_steps=20", "train.eval_every=20", "train.log_every=10", "samples.count=0"]
 
@@ -256,7 +257,6 @@ def test_finetune_under_deepspeed_zero2_on_two_processes(pretrain_run, tmp_path)
     figure, and training lowers it."""
     import os
     import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     pytest.importorskip("deepspeed")
@@ -268,16 +268,15 @@ def test_finetune_under_deepspeed_zero2_on_two_processes(pretrain_run, tmp_path)
     args += ["train.max_steps=20", "train.eval_every=20", "samples.count=1"]
     env = {**os.environ, "LLMLAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         "-m",
         "llmlab",
+        "run",
+        "gpt-finetune",
+        *args,
+        "train.strategy=deepspeed",
+        "train.ds_stage=2",
     ]
-    cmd += ["run", "gpt-finetune", *args, "train.strategy=deepspeed", "train.ds_stage=2"]
     cmd += ["--out", str(tmp_path / "ds")]
     with ThreadPoolExecutor(max_workers=1) as pool:  # the 1-process run goes while the launch starts up
         launched = pool.submit(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=600)

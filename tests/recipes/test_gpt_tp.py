@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import torch
 
 from llmlab.cli import main
 from llmlab.runner import run
-from tests.runs import relative_diff, torchrun_llmlab, train_rows
+from tests.runs import relative_diff, torchrun, torchrun_llmlab, train_rows
 
 TP_ARGS = ["train.max_steps=16", "train.log_every=1", "train.eval_every=8", "train.checkpoint_every=8"]
 
@@ -165,9 +164,8 @@ def test_under_torchrun_a_bad_layout_fails_fast_with_exit_2(tmp_path):
     """Each rank refuses the config before joining a process group: torchrun reports exit code 2 of its
     workers, the message names the quantity, and no run directory appears."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "llmlab", "run", "gpt-tp", "--preset", "smoke", "parallel.tp=2", "model.n_head=3",
-           "model.n_embd=24", "--out", str(out)]  # fmt: skip
+    cmd = [*torchrun(2), "-m", "llmlab", "run", "gpt-tp", "--preset", "smoke", "parallel.tp=2",
+           "model.n_head=3", "model.n_embd=24", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "model.n_head=3" in done.stderr and "exitcode  : 2" in done.stderr

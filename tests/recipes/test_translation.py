@@ -15,6 +15,7 @@ import torch
 
 from llmlab.cli import main
 from llmlab.runner import run
+from tests.runs import torchrun
 
 SENTENCES = ["a man sees a dog .", "", "the red ball .", "a woman sits on the street ."]
 
@@ -240,18 +241,7 @@ def test_two_processes_take_the_same_token_weighted_steps_as_one(tmp_path):
             pool.submit(one_process, "train.batch_size=400", "--out", str(half)),
         ]
         launched = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                "-m",
-                "llmlab",
-            ]
-            + args
-            + ["--out", str(two)],
+            [*torchrun(2), "-m", "llmlab"] + args + ["--out", str(two)],
             env=env,
             capture_output=True,
             text=True,
