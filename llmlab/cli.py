@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmlab.data.subword import TokenizerError
     from llmlab.report import RunDirError
     from llmlab.train.checkpoint import CheckpointError
-    from llmlab.train.distributed import DeviceError
+    from llmlab.train.distributed import DeviceError, ProcessGroupError
     from llmlab.train.trainer import NonFiniteLossError
 
     try:
@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         NonFiniteLossError,
         DeviceError,
+        ProcessGroupError,
         RunDirError,
         TokenizerError,
     ) as err:

@@ -25,7 +25,15 @@ from llmlab.recipes.base import Experiment, Outcome
 from llmlab.report import RunDirError
 from llmlab.train.callbacks import Callback, MetricsFile, ProgressBar, TensorBoard
 from llmlab.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, save_weights
-from llmlab.train.distributed import DistEnv, init_distributed, local_rank_from_env, resolve_device
+from llmlab.train.distributed import (
+    DistEnv,
+    ProcessGroupError,
+    describe_failure,
+    init_distributed,
+    is_process_group_failure,
+    local_rank_from_env,
+    resolve_device,
+)
 from llmlab.train.record import git_commit, hardware_info, now_iso, peak_memory, versions, write_json
 from llmlab.train.rng import seed_everything, set_deterministic
 from llmlab.train.strategy import check_config
@@ -58,7 +66,7 @@ def resolve_config(recipe_name: str, preset: str | None, overrides: Sequence[str
 # whole weights and optimizer states). parallel.*: gpt-tp's tensor-parallel size, engine and timing.
 ENGINE_KEYS = frozenset(
     {"train.strategy", "train.ds_stage", "train.offload", "train.activation_checkpointing", "parallel.tp",
-     "parallel.engine", "parallel.time_comm"}
+     "parallel.engine", "parallel.time_comm", "train.dist_timeout_s"}
 )  # fmt: skip
 
 
@@ -124,7 +132,7 @@ def run(
 
     recipe.check_launch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group work
     dev = resolve_device(device, local_rank_from_env())
-    env = init_distributed(dev)
+    env = init_distributed(dev, cfg.train.dist_timeout_s)
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.seed)
     # A resumed run reuses what its directory holds (e.g. tokenizer.json); a new one builds its own.
@@ -160,7 +168,11 @@ def run(
     cbs.extend(callbacks)
 
     name = f"{recipe.name}:{preset}"
-    outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, exp.dist or env, name)
+    with _terminate_as_interrupt(env):
+        outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, exp.dist or env, name)
+    if outcome.status == "failed":  # a peer is gone: say so, and how to continue, on every survivor
+        _ignore_terminate()  # the launcher's SIGTERM must not cut the record and the message short
+        outcome.error = _failure_paragraph(outcome.error or "", recipe.name, preset, overrides, out)
 
     notes = list(exp.notes)
     if exp.final_eval is not None and outcome.status == "completed":
@@ -220,6 +232,8 @@ def run(
         write_report(out)
     if outcome.status == "diverged":
         raise NonFiniteLossError(outcome.error)
+    if outcome.status == "failed":
+        raise ProcessGroupError(outcome.error)
     if outcome.status == "interrupted":
         raise KeyboardInterrupt
     return result if result is not None else {"status": outcome.status, "rank": env.rank}
@@ -259,8 +273,22 @@ def _fit_with_trainer(
             trainer.memory_probe.finish(out)
     except NonFiniteLossError as err:
         status, error = "diverged", str(err)
+    except _Terminated:
+        status = "failed"
+        error = (
+            "this process received SIGTERM (a launcher such as torchrun stops the surviving processes "
+            "when one of them fails; or the job was cancelled)"
+        )
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user; continue with --resume"
+    except Exception as err:  # noqa: BLE001 — only a dead or silent peer is caught; anything else re-raised
+        if not (env.multi_process and is_process_group_failure(err)):
+            raise
+        if os.environ.get("LLMLAB_TRACEBACK") == "1":
+            import traceback
+
+            traceback.print_exc()
+        status, error = "failed", describe_failure(err, env)
 
     def save(run_dir: Path) -> None:
         if exp.save_model is not None:  # the recipe's own format (e.g. a Hugging Face model directory)
@@ -282,6 +310,62 @@ def _fit_with_trainer(
         precision=trainer.precision,
         stop_reason=trainer.stop_reason,
         save=save,
+    )
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a launcher stopping the survivors of a failed process, a scheduler ending the job)."""
+
+
+class _terminate_as_interrupt:
+    """In a multi-process run, SIGTERM ends training with the run record written (status "failed") and the
+    paragraph that says how to resume, instead of killing the process without a word. Single-process runs
+    keep the default."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env, self.previous = env, None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    def __enter__(self) -> _terminate_as_interrupt:
+        import signal
+        import threading
+
+        if self.env.multi_process and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _ignore_terminate() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _failure_paragraph(what: str, recipe: str, preset: str, overrides: Sequence[str], out: Path) -> str:
+    """The one paragraph a survivor prints: what happened, what is on disk, the command that continues."""
+    last = latest_checkpoint(out / "checkpoints")
+    kept = (
+        f"The last checkpoint, {last}, is complete (checkpoints are written whole by one process, then "
+        "renamed into place), and nothing after it is lost but the steps since."
+        if last is not None
+        else "No checkpoint was written yet (train.checkpoint_every sets how often), so a resumed run starts "
+        "from step 0."
+    )
+    command = " ".join(["llmlab run", recipe, "--preset", preset, *overrides, "--out", str(out), "--resume"])
+    return (
+        f"the run stopped: {what}. {kept} To continue, start ALL processes again the way they were started "
+        f"(torchrun / accelerate launch / deepspeed, or the same RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT "
+        f"variables on every node) with: {command} . (LLMLAB_TRACEBACK=1 shows the backend's traceback.)"
     )
 
 

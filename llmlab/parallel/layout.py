@@ -21,7 +21,7 @@ import torch
 
 from llmlab.config import ConfigError
 from llmlab.parallel.collectives import CommMeter, TPGroup
-from llmlab.train.distributed import DistEnv
+from llmlab.train.distributed import DistEnv, set_group_timeouts
 
 __all__ = ["ParallelLayout", "build_layout", "check_tp_layout"]
 
@@ -78,6 +78,7 @@ class ParallelLayout:
             group=self.dp.group,
             global_rank=env.rank,
             processes=env.world_size,
+            timeout_s=env.timeout_s,
         )
 
 
@@ -97,6 +98,7 @@ def build_layout(env: DistEnv, tp: int, device: torch.device, meter: CommMeter |
 
         ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    set_group_timeouts([mesh.get_group("tp"), mesh.get_group("dp")], env)
     tp_group = TPGroup(mesh.get_group("tp"), mesh.get_local_rank("tp"), tp, meter)
     dp_group = TPGroup(mesh.get_group("dp"), mesh.get_local_rank("dp"), dp, meter)
     return ParallelLayout(tp_group, dp_group, mesh, meter)

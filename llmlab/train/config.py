@@ -42,6 +42,10 @@ class TrainConfig:
     ds_stage: int = 2  # strategy=deepspeed: ZeRO stage 0 (plain data parallel), 1, 2 or 3
     # strategy=deepspeed: move optimizer states (and, at stage 3, parameters too: "all") to CPU memory
     offload: Literal["none", "optimizer", "all"] = "none"
+    # Seconds a collective waits for the other processes before the run fails with a clear error (a peer
+    # that died or hangs); must exceed the longest stretch one process works alone (rank 0 writing a
+    # checkpoint). torch's own default is 30 min (gloo) / 10 min (NCCL).
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -62,6 +66,8 @@ class TrainConfig:
             raise ValueError("eval_every must be >= 0")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s={self.dist_timeout_s}: must be > 0 seconds")
         if self.ds_stage not in (0, 1, 2, 3):
             raise ValueError(f"ds_stage={self.ds_stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
 

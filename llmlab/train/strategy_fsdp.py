@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmlab.train.distributed import DistEnv
+from llmlab.train.distributed import DistEnv, set_group_timeouts
 from llmlab.train.strategy import Strategy, ensure_process_group, fill_skeleton, meta_skeleton, tensor_bytes
 
 
@@ -47,6 +47,8 @@ class FSDP2Strategy(Strategy):
         self.device = device
         self._own_group = ensure_process_group(device)
         self.mesh = init_device_mesh(device.type, (env.world_size,))
+        if env.multi_process:
+            set_group_timeouts([self.mesh.get_group()], env)
         units = list(model.shard_units()) if hasattr(model, "shard_units") else []
         for unit in units:
             fully_shard(unit, mesh=self.mesh)
