@@ -94,7 +94,7 @@ def build_layout(env: DistEnv, tp: int, device: torch.device, meter: CommMeter |
     from torch.distributed.device_mesh import init_device_mesh
 
     if env.world_size == 1:
-        from llmlab.train.strategy import ensure_process_group
+        from llmlab.train.strategy_base import ensure_process_group
 
         ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))

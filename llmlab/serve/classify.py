@@ -12,12 +12,11 @@ on its batch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import flask
 
-from llmlab.config import ConfigError
 from llmlab.serve.batching import MicroBatcher
 from llmlab.serve.httpapi import (
     NOT_READY_HEADERS,
@@ -28,6 +27,7 @@ from llmlab.serve.httpapi import (
     reject_unknown_keys,
     run_on_batcher,
 )
+from llmlab.serve.limits import ServeLimits
 from llmlab.serve.openapi import openapi_document
 
 
@@ -39,34 +39,6 @@ class Classifier(Protocol):
     max_length: int
 
     def classify(self, texts: list[str]) -> list[dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """Per-request limits and batching knobs. Defaults suit a BERT-base classifier on one machine."""
-
-    max_texts: int = 64  # texts per request
-    max_chars: int = 10_000  # characters (code points) per text, checked before tokenizing
-    max_body_bytes: int = 1_000_000  # request body; larger -> 413
-    max_batch_size: int = 32  # texts per model call
-    max_wait_ms: float = 5.0  # the most a batch waits for requests already inside the server
-    max_queue: int = 1024  # texts waiting for the model; beyond -> 503 + Retry-After
-    request_timeout_s: float = 30.0  # a request waiting longer gets 504
-
-    def __post_init__(self) -> None:
-        for name in ("max_texts", "max_chars", "max_body_bytes", "max_batch_size", "max_queue"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r}: must be a positive integer")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"max_wait_ms={self.max_wait_ms}: must be >= 0")
-        if self.request_timeout_s <= 0:
-            raise ConfigError(f"request_timeout_s={self.request_timeout_s}: must be > 0")
-        if self.max_queue < self.max_texts:
-            raise ConfigError(
-                f"max_queue={self.max_queue} < max_texts={self.max_texts}: a full-size request could never "
-                "be queued"
-            )
 
 
 def parse_classify_body(data: bytes, limits: ServeLimits) -> list[str]:

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import llmlab
-
-if TYPE_CHECKING:
-    from llmlab.serve.classify import ServeLimits
-    from llmlab.serve.generate import GenerateLimits, Param
+from llmlab.serve.limits import GenerateLimits, Param, ServeLimits
 
 # Error codes per status, as `error.code` in the body (httpapi.py), for every status but 400.
 COMMON_ERROR_CODES: dict[int, list[str]] = {

@@ -10,12 +10,22 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from llmlab.progress import progress_enabled
 
-if TYPE_CHECKING:
-    from llmlab.train.trainer import Trainer
+
+class Trainer(Protocol):
+    """What a callback sees of the Trainer (llmlab/train/trainer.py). Callbacks sit below the Trainer that
+    calls them, so they name this protocol, not the class: every import points down."""
+
+    name: str
+    step: int
+    total_steps: int
+    should_stop: bool
+    task: Any
+    train_loader: Any
+    tensorboard: Any
 
 
 class Callback:

@@ -42,7 +42,7 @@ from torch import nn
 
 from llmlab.config import ConfigError
 from llmlab.train.distributed import DistEnv
-from llmlab.train.strategy import Strategy
+from llmlab.train.strategy_base import Strategy
 
 # train.precision (resolved) -> Accelerate's mixed_precision
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llmlab.train.distributed import DistEnv
-from llmlab.train.strategy import Strategy, ensure_process_group, fill_skeleton, meta_skeleton
+from llmlab.train.strategy_base import Strategy, ensure_process_group, fill_skeleton, meta_skeleton
 
 
 def deepspeed_config(stage: int, offload: str, grad_clip: float | None, precision: str, grad_accum: int,

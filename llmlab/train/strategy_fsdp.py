@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from llmlab.train.distributed import DistEnv, set_group_timeouts
-from llmlab.train.strategy import Strategy, ensure_process_group, fill_skeleton, meta_skeleton, tensor_bytes
+from llmlab.train.strategy_base import (
+    Strategy,
+    ensure_process_group,
+    fill_skeleton,
+    meta_skeleton,
+    tensor_bytes,
+)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llmlab.train.distributed import DistEnv
-from llmlab.train.strategy import Strategy
+from llmlab.train.strategy_base import Strategy
 
 __all__ = ["TensorParallelStrategy"]
 
