@@ -1,5 +1,5 @@
 """The `llmlab` command line: list, config, run, sweep, eval, report, data, predict, serve, translate,
-generate, demo.
+generate, export, demo.
 
 Exit codes: 0 success; 1 a failure while running (missing data, divergence, corrupt checkpoint); 2 a bad
 command line or config (nothing was written).
@@ -193,6 +193,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for text in r["samples"]:
             print(r["prompt"] + text)
             print("-" * 60)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A finished run as a Hub-ready folder (llmlab/export/), then, with --push-to-hub, uploaded."""
+    from llmlab.export import HubPushError, export_run, push_to_hub
+    from llmlab.export.hub import check_repo_id
+
+    if args.push_to_hub and check_repo_id(args.push_to_hub):
+        raise ConfigError(f"--push-to-hub: {check_repo_id(args.push_to_hub)}")
+    if args.base_model and check_repo_id(args.base_model):
+        raise ConfigError(f"--base-model: {check_repo_id(args.base_model)}")
+    done = export_run(
+        args.run_dir, args.out, force=args.force, repo_id=args.push_to_hub, base_model=args.base_model,
+        merged=args.merged,
+    )  # fmt: skip
+    print(f"exported {args.run_dir} ({done.kind}) to {done.out}:")
+    for name, what in sorted(done.files.items()):
+        print(f"  {name:<28} {what}")
+    print(f"  {'README.md':<28} the model card")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(done.out, args.push_to_hub, private=args.private)
+        except HubPushError as err:
+            print(f"llmlab: error: {err}", file=sys.stderr)
+            return 1
+        print(f"pushed to {url}")
     return 0
 
 
@@ -400,6 +427,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print [{prompt, samples}] as JSON")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "export",
+        help="a finished run as a folder to share on the Hugging Face Hub (weights, tokenizer, model card)",
+        description="Export a finished run into --out DIR: the weights in safetensors, in Hugging Face's "
+        "format where the model has a twin (BERT, GPT-2 and LLaMA directories for transformers' Auto* "
+        "classes, LoRA adapters for peft), else model.safetensors + the llmlab config.json; the tokenizer "
+        "files; a model card README.md (Hub metadata, task, data, metrics and the command that produced "
+        "them, training setup, limitations, how to load); the run record under llmlab_run/. "
+        "--push-to-hub REPO_ID then uploads the folder with huggingface_hub (token: HF_TOKEN or `hf auth "
+        "login`); if that fails, the folder stays as exported. Example: llmlab export runs/RUN --out "
+        "exports/RUN --push-to-hub my-user/my-model",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write (new/empty)")
+    p.add_argument("--force", action="store_true", help="replace a previous llmlab export in --out")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload it to this Hub repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument(
+        "--base-model", default=None, metavar="REPO_ID",
+        help="adapters (llama-lora): the base model's Hub id, recorded in adapter_config.json and the card",
+    )  # fmt: skip
+    p.add_argument(
+        "--merged", action="store_true",
+        help="adapters: also write merged/, the base with the update merged in (rebuilt from the run's init)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "demo", help="train the stage-1 MLP end to end (MNIST if present, else bundled digits)"
