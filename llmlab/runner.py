@@ -21,10 +21,16 @@ import torch
 import llmlab
 from llmlab.config import ConfigError, apply_overrides, flatten, from_dict, to_dict
 from llmlab.recipes import BuildContext, get_recipe
-from llmlab.recipes.base import Experiment, Outcome
+from llmlab.recipes.base import Experiment, Outcome, load_run_of_kind  # noqa: F401 — re-exported
 from llmlab.report import RunDirError
 from llmlab.train.callbacks import Callback, MetricsFile, ProgressBar, TensorBoard
-from llmlab.train.checkpoint import CheckpointError, latest_checkpoint, load_weights, save_weights
+from llmlab.train.checkpoint import (  # noqa: F401 — load_run_weights re-exported
+    CheckpointError,
+    latest_checkpoint,
+    load_run_weights,
+    load_weights,
+    save_weights,
+)
 from llmlab.train.distributed import (
     DistEnv,
     ProcessGroupError,
@@ -367,38 +373,6 @@ def _failure_paragraph(what: str, recipe: str, preset: str, overrides: Sequence[
         f"(torchrun / accelerate launch / deepspeed, or the same RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT "
         f"variables on every node) with: {command} . (LLMLAB_TRACEBACK=1 shows the backend's traceback.)"
     )
-
-
-def load_run_of_kind(run_dir: Path | str, recipe_cls: type, kind: str) -> tuple[Path, Any, Any]:
-    """(run_dir, recipe, config) of a run whose recipe is a `recipe_cls` (e.g. a translation model); anything
-    else is a RunDirError naming what it is."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory")
-    recipe, cfg, _ = load_run_config(run_dir)
-    if not isinstance(recipe, recipe_cls):
-        raise RunDirError(f"{run_dir} is a run of {recipe.name}, not {kind}")
-    return run_dir, recipe, cfg
-
-
-def load_run_weights(run_dir: Path, model: torch.nn.Module, map_location: str = "cpu") -> None:
-    """Load a run's final weights (model.safetensors, else its latest checkpoint) into `model`; a run with
-    neither, or weights of another shape, is a CheckpointError."""
-    from llmlab.train.checkpoint import load_checkpoint
-
-    weights = run_dir / "model.safetensors"
-    if weights.exists():
-        state = load_weights(weights, map_location=map_location)
-    else:
-        ckpts = run_dir / "checkpoints"
-        last = latest_checkpoint(ckpts) if ckpts.is_dir() else None
-        if last is None:
-            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint")
-        state, _ = load_checkpoint(last, map_location=map_location)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{run_dir}: the weights do not fit the run's model config: {err}") from err
 
 
 def load_run_config(run_dir: Path) -> tuple[Any, Any, str]:

@@ -147,3 +147,35 @@ class Recipe:
 
     def build(self, cfg: Any, ctx: BuildContext) -> Experiment:
         raise NotImplementedError
+
+
+def load_run_of_kind(run_dir: Path | str, recipe_cls: type, kind: str) -> tuple[Path, Any, Any]:
+    """(run_dir, recipe, config) of a run whose recipe is a `recipe_cls` (e.g. a translation model); anything
+    else is a RunDirError naming what it is. The recipe is found among `recipe_cls`'s subclasses by the name
+    config.json stores, so a recipe that reads another run needs no registry (imports point down)."""
+    import json
+
+    from llmlab.config import from_dict
+    from llmlab.report import RunDirError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise RunDirError(f"{run_dir} is not an llmlab run directory: config.json missing")
+    try:
+        stored = json.loads(path.read_text())
+        name = stored["recipe"]
+        classes, todo = {}, [recipe_cls]
+        while todo:
+            cls = todo.pop()
+            if isinstance(getattr(cls, "name", None), str):
+                classes.setdefault(cls.name, cls)
+            todo.extend(cls.__subclasses__())
+        if name not in classes:
+            raise RunDirError(f"{run_dir} is a run of {name}, not {kind}")
+        recipe = classes[name]()
+        return run_dir, recipe, from_dict(recipe.config_cls, stored["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise RunDirError(f"{path} is corrupt: {err}") from err

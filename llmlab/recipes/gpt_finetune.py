@@ -308,8 +308,8 @@ def _local_init(name: str, path: Path, load_weights: bool) -> Init:
 
 def _run_init(name: str, path: Path, load_weights: bool) -> Init:
     from llmlab.data.lm_tokenizers import TokenizerError, load_text_tokenizer
+    from llmlab.recipes.base import load_run_of_kind
     from llmlab.report import RunDirError
-    from llmlab.runner import load_run_of_kind
     from llmlab.train.checkpoint import CheckpointError
 
     try:

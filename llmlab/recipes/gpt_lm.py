@@ -331,7 +331,7 @@ class _LMRecipe(Recipe):
     def load_trained(self, run_dir: Path, cfg: Any, tok: Any) -> nn.Module:
         """The trained model of a run of this recipe, on the CPU, as one plain GPT or LLaMA (what generation,
         serving and a fine-tune start from). A CheckpointError when its weights are missing or do not fit."""
-        from llmlab.runner import load_run_weights
+        from llmlab.train.checkpoint import load_run_weights
 
         model = build_lm(self.model_config(cfg, run_dir, tok))
         load_run_weights(run_dir, model)
@@ -475,7 +475,7 @@ class Generator:
     @classmethod
     def from_run(cls, run_dir: Path | str, device: str = "cpu") -> Generator:
         from llmlab.data.lm_tokenizers import load_text_tokenizer
-        from llmlab.runner import load_run_of_kind
+        from llmlab.recipes.base import load_run_of_kind
 
         run_dir, recipe, cfg = load_run_of_kind(run_dir, _LMRecipe, "a language model")
         tok = load_text_tokenizer(run_dir / "tokenizer.json")

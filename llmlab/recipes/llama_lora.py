@@ -306,7 +306,7 @@ class LlamaLoRA(GPTFinetune):
 
     def _load(self, model: nn.Module, run_dir: Path, cfg: LlamaLoRAConfig) -> None:
         """The run's final weights into the model `build` made (LoRA runs: its adapter over the init)."""
-        from llmlab.runner import load_run_weights
+        from llmlab.train.checkpoint import load_run_weights
 
         adapter = run_dir / ADAPTER_DIR
         if cfg.finetune.method == "full" or not adapter.is_dir():

@@ -603,7 +603,8 @@ class Translator:
 
     @classmethod
     def from_run(cls, run_dir: Path | str, device: str = "cpu") -> Translator:
-        from llmlab.runner import load_run_of_kind, load_run_weights
+        from llmlab.recipes.base import load_run_of_kind
+        from llmlab.train.checkpoint import load_run_weights
 
         run_dir, _, cfg = load_run_of_kind(run_dir, _TranslationRecipe, "a translation model")
         tok = load_tokenizer(run_dir / "tokenizer.json")

@@ -210,3 +210,21 @@ def load_weights(path: Path | str, map_location: str = "cpu") -> dict[str, torch
         return load_file(path, device=map_location)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"weights file {path} is corrupt or truncated: {err}") from err
+
+
+def load_run_weights(run_dir: Path, model: torch.nn.Module, map_location: str = "cpu") -> None:
+    """Load a run's final weights (model.safetensors, else its latest checkpoint) into `model`; a run with
+    neither, or weights of another shape, is a CheckpointError."""
+    weights = run_dir / "model.safetensors"
+    if weights.exists():
+        state = load_weights(weights, map_location=map_location)
+    else:
+        ckpts = run_dir / "checkpoints"
+        last = latest_checkpoint(ckpts) if ckpts.is_dir() else None
+        if last is None:
+            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint")
+        state, _ = load_checkpoint(last, map_location=map_location)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{run_dir}: the weights do not fit the run's model config: {err}") from err
