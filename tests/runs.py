@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from llmlab.train.callbacks import Callback
+
 
 def torchrun(nproc: int = 2) -> list[str]:
     """The launcher's prefix: `python -m torch.distributed.run --standalone --nproc_per_node N`."""
@@ -32,3 +36,24 @@ def relative_diff(a: dict, b: dict) -> float:
     """‖a − b‖ / ‖a‖ over all tensors of two state dicts with the same keys."""
     diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
     return diff / sum(float((a[k] ** 2).sum()) for k in a) ** 0.5
+
+
+class ScaleGradients(Callback):
+    """Injects the bug a "2 processes == 1" test must catch: every gradient is `factor` x the global batch's
+    mean when the optimizer steps (before clipping) — where an all-reduce that sums instead of averaging, or
+    a missing 1/grad_accum, leaves it. A guard test shows the comparison fails on such a run."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def on_train_start(self, trainer) -> None:
+        step = trainer.strategy.step
+
+        def scaled_step(scaler, max_norm):
+            with torch.no_grad():
+                for p in trainer.raw_model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.factor)
+            return step(scaler, max_norm)
+
+        trainer.strategy.step = scaled_step

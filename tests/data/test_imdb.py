@@ -35,6 +35,7 @@ from llmlab.data.store import (
     download_dataset,
     format_status,
 )
+from tests.conftest import _require_data
 from tests.data.test_store import dead_url, serve
 
 # (split, label, number, rating, text): numbers 9 and 10 check the numeric (not lexicographic) order.
@@ -332,7 +333,10 @@ def _snapshot(folder: Path) -> list[tuple[str, int, int]]:
 def real(shared_data):
     if "data" not in _REAL:
         if not (shared_data / "imdb" / "train.jsonl.gz").is_file():
-            pytest.skip(f"no IMDB JSONL copy under {shared_data}")
+            msg = f"no IMDB JSONL copy under {shared_data}"
+            if _require_data():
+                pytest.fail(msg + " but LLMLAB_REQUIRE_DATA=1")
+            pytest.skip(msg)
         _REAL["before"] = _snapshot(shared_data)
         _REAL["data"] = load_imdb(shared_data)
         _REAL["after"] = _snapshot(shared_data)

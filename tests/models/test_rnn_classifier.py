@@ -34,29 +34,53 @@ def test_reverse_padded_reverses_within_each_length_and_is_its_own_inverse():
     assert torch.equal(reverse_padded(reverse_padded(x, lengths), lengths), x)
 
 
+def _ours(ref_name: str) -> str:
+    """torch's multi-layer name → ours: weight_ih_l1_reverse → rnn.1.bwd.weight_ih_l0 (spelled out here, not
+    taken from convert_torch_rnn_state_dict, so that a mix-up there cannot hide in both)."""
+    base, _, layer = ref_name.rpartition("_l")
+    k, _, reverse = layer.partition("_")
+    return f"rnn.{k}.{'bwd' if reverse else 'fwd'}.{base}_l0"
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("layers", [1, 2])
-def test_outputs_and_final_states_equal_torch_on_packed_sequences(cell, layers):
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_outputs_final_states_and_every_gradient_equal_torch_on_packed_sequences(cell, layers):
     torch.manual_seed(0)
     cfg = RNNClassifierConfig(cell=cell, vocab_size=50, embed_dim=6, hidden=4, layers=layers, dropout=0.0)
     model = build_rnn_classifier(cfg).double().eval()
     ref = (nn.LSTM if cell == "lstm" else nn.GRU)(
         6, 4, num_layers=layers, bidirectional=True, batch_first=True
     ).double()
-    model.load_state_dict(convert_torch_rnn_state_dict(ref.state_dict(), layers, True), strict=False)
+    with torch.no_grad():  # scramble first, so that the copy below is what makes them equal
+        for p in model.rnn.parameters():
+            p.normal_()
+    loaded = model.load_state_dict(convert_torch_rnn_state_dict(ref.state_dict(), layers, True), strict=False)
+    assert not loaded.unexpected_keys
+    assert set(loaded.missing_keys) == {"embedding.weight", "classifier.weight", "classifier.bias"}
     tokens, lengths = _batch()
-    emb = model.embedding(tokens)
+    emb = model.embedding(tokens)  # the same embedding feeds torch's RNN: its gradient is the input gradient
     packed_out, state = ref(pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False))
     expected, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=tokens.shape[1])
     h_n = state[0] if cell == "lstm" else state
+    expected_final = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # the last layer's forward and reverse states
     out, final = model.encode(tokens, lengths)
     torch.testing.assert_close(out, expected, **TOL)
-    torch.testing.assert_close(final, torch.cat([h_n[-2], h_n[-1]], dim=-1), **TOL)
-    # and the gradients through both paths agree
-    weights = torch.randn_like(out)
-    (g_ours,) = torch.autograd.grad((out * weights).sum(), model.rnn[0].fwd.weight_hh_l0)
-    (g_ref,) = torch.autograd.grad((expected * weights).sum(), ref.weight_hh_l0)
-    torch.testing.assert_close(g_ours, g_ref, **TOL)
+    torch.testing.assert_close(final, expected_final, **TOL)
+
+    # Every gradient, of a random weighted sum of all outputs and final states (each element carries its own
+    # weight): each RNN parameter of every layer and both directions, and the embedding (the input).
+    g = torch.Generator().manual_seed(1)
+    w_out = torch.randn(out.shape, dtype=out.dtype, generator=g)
+    w_final = torch.randn(final.shape, dtype=final.dtype, generator=g)
+    ours = {"embedding.weight": model.embedding.weight, **dict(model.rnn.named_parameters(prefix="rnn"))}
+    theirs = {"embedding.weight": model.embedding.weight} | {_ours(n): p for n, p in ref.named_parameters()}
+    assert ours.keys() == theirs.keys() and len(ours) == 1 + layers * 2 * 4  # 4 tensors per direction
+    grads = torch.autograd.grad((out * w_out).sum() + (final * w_final).sum(), list(ours.values()))
+    loss_ref = (expected * w_out).sum() + (expected_final * w_final).sum()
+    grads_ref = torch.autograd.grad(loss_ref, list(theirs.values()))
+    for name, ours_grad, ref_grad in zip(ours, grads, grads_ref, strict=True):
+        assert ref_grad.abs().max() > 1e-3, name  # every gradient is really exercised
+        torch.testing.assert_close(ours_grad, ref_grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("pooling", ["max", "mean", "last"])
