@@ -5,9 +5,10 @@ batch; for the reverse direction every sequence is first reversed *within its ow
 the end) and reversed back afterwards. Since an RNN's output at step t depends only on steps ≤ t, padding
 placed after the valid steps never reaches a valid output: the result equals a bidirectional RNN on packed
 sequences (tests/models/test_rnn_classifier.py checks it against torch.nn.LSTM/GRU with PackedSequence).
-Why not pack: on CPU, the backward of torch's LSTM over a PackedSequence of unequal lengths measured ~6×
-slower than over the same padded batch (1.2 s vs 0.19 s for 64 × 220 tokens, hidden 128, 2 cores); with
-length-bucketed batches the padding costs only ~2% extra compute.
+Why not pack: on CPU, the backward of torch's LSTM over a PackedSequence of unequal lengths is several times
+slower than over the same padded batch (8.9× for 64 × 220 tokens, hidden 128, one thread); with
+length-bucketed batches the padding costs only ~2% extra compute (1.9% vs 47.7% unbucketed). Both figures:
+`python benchmarks/stage3_packing.py` (docs/stage3-rnn.md).
 
 Each direction is `torch.nn.LSTM`/`GRU` (`impl="fused"`, the fast default) or llmlab's own from-scratch
 `llmlab.nn.rnn.LSTM`/`GRU` (`impl="scratch"`): same parameter names, so weights move between the two.

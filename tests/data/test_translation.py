@@ -39,6 +39,7 @@ from llmlab.data.translation import (
     parse_segments,
     split_lines,
 )
+from tests.conftest import _require_data
 from tests.data.test_store import serve
 
 # ---------------------------------------------------------------------------------------------------------
@@ -647,7 +648,10 @@ def _snapshot(folder: Path) -> list[tuple[str, int, int]]:
 def real(shared_data):
     if "corpus" not in _REAL:
         if not (shared_data / "multi30k" / "raw" / "train.en.gz").is_file():
-            pytest.skip(f"no Multi30k copy under {shared_data}")
+            missing = f"no Multi30k copy under {shared_data}"
+            if _require_data():
+                pytest.fail(missing + " but LLMLAB_REQUIRE_DATA=1")
+            pytest.skip(missing)
         folder = shared_data / "multi30k"
         _REAL["before"] = _snapshot(folder)
         _REAL["corpus"] = load_multi30k(shared_data)

@@ -352,10 +352,8 @@ def test_openapi_describes_the_generate_endpoint_with_every_bound(server):
     for ref in refs:
         _, section, kind, name = ref.split("/")
         assert name in doc[section][kind], ref
-    try:
-        from openapi_spec_validator import validate
-    except ImportError:
-        return
+    from openapi_spec_validator import validate  # in the test extra: CI always validates
+
     validate(doc)
 
 
