@@ -7,7 +7,6 @@ model-cards, https://huggingface.co/docs/hub/models-uploading).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any
 from llmlab.config import ConfigError
 from llmlab.export.run import EXPORT_MANIFEST, RECORD_DIR, RunExport
 from llmlab.report import RunDirError
+from llmlab.train.checkpoint import sha256_file
 
 RECORD_FILES = ("config.json", "result.json", "metrics.jsonl", "init.json")
 FORMAT = "llmlab-export"
@@ -189,14 +189,6 @@ def _copy_record(run: RunExport, out: Path) -> None:
         run.files["curves.png"] = "training and validation curves"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_manifest(run: RunExport, out: Path) -> None:
     import llmlab
     from llmlab.train.record import now_iso
@@ -212,6 +204,6 @@ def _write_manifest(run: RunExport, out: Path) -> None:
         "exported_at": now_iso(),
         "llmlab_version": llmlab.__version__,
         "repo_id": run.repo_id,
-        "files": {p.relative_to(out).as_posix(): _sha256(p) for p in files},
+        "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files},
     }
     (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

@@ -76,7 +76,8 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -115,7 +116,7 @@ def save_checkpoint(
     manifest = {"step": step, "files": {}}
     for fname in FILES:
         _fsync(tmp / fname)
-        manifest["files"][fname] = {"size": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
+        manifest["files"][fname] = {"size": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     if final.exists():  # a re-run of the same step after a crash: replace it
         shutil.rmtree(final)
@@ -176,7 +177,7 @@ def verify_checkpoint(path: Path) -> dict:
                 f"checkpoint {path} is corrupt: {fname} has {size} bytes, expected {meta['size']}"
                 f" (truncated?). {hint}"
             )
-        if _sha256(fpath) != meta["sha256"]:
+        if sha256_file(fpath) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {fname} fails its sha256 check. {hint}")
     return manifest
 
