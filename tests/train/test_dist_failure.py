@@ -30,8 +30,9 @@ from llmlab.train.distributed import (
 )
 from tests.runs import torchrun, train_rows
 
-# mnist-mlp smoke on the bundled digits: 32 steps per epoch, so 30 epochs = 960 steps (~15 s for two
-# processes here) — long enough that a kill after the first checkpoint (step 50) lands mid-run.
+# mnist-mlp smoke on the bundled digits: 32 steps per epoch, so 12 epochs = 384 steps (~6 s for two
+# processes here) — long enough that a kill right after the first checkpoint (step 50) lands mid-run (the
+# tests check it did: status "failed" with fewer steps).
 ARGS = [
     "run",
     "mnist-mlp",
@@ -39,12 +40,12 @@ ARGS = [
     "smoke",
     "--device",
     "cpu",
-    "train.max_epochs=30",
+    "train.max_epochs=12",
     "model.hidden=256",
     "train.checkpoint_every=50",
-    "train.eval_every=320",
+    "train.eval_every=128",
 ]
-TOTAL_STEPS = 960
+TOTAL_STEPS = 384
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -65,13 +66,13 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], seconds: float = 120) -
         time.sleep(0.02)
 
 
-def _assert_clean_failure(stderr: str, out: Path, what: str) -> None:
+def _assert_clean_failure(stderr: str, out: Path, what: str | tuple[str, ...]) -> None:
     """One `llmlab: error:` paragraph naming `what`, the checkpoint and the resume command; no frames of
     ours."""
     lines = [line for line in stderr.splitlines() if line.startswith("llmlab: error: the run stopped")]
     assert len(lines) == 1, stderr[-3000:]
     message = lines[0]
-    assert what in message, message
+    assert any(w in message for w in ((what,) if isinstance(what, str) else what)), message
     assert "--resume" in message and str(out / "checkpoints" / "step_") in message, message
     assert 'File "' not in stderr.replace(_torchrun_traceback(stderr), ""), "a traceback of llmlab leaked"
 
@@ -119,7 +120,9 @@ def test_killed_rank_under_torchrun_then_resume(tmp_path):
         agent.wait(timeout=120)
     stderr = (tmp_path / "err").read_text()
     assert agent.returncode != 0
-    _assert_clean_failure(stderr, out, "another process of the run is gone")
+    # Which comes first on the survivor is a race: gloo's "connection reset" or torchrun's SIGTERM (its agent
+    # stops the other workers when one dies). Either ends in the paragraph.
+    _assert_clean_failure(stderr, out, ("another process of the run is gone", "received SIGTERM"))
     record = json.loads((out / "result.json").read_text())
     assert record["status"] == "failed" and record["steps"] < TOTAL_STEPS, "the kill came too late"
     killed_at = _check_resumable(out)
