@@ -74,7 +74,7 @@ def _default(cell: str) -> ImdbRNNConfig:
         train=TrainConfig(
             batch_size=64, max_epochs=5, eval_every=0, log_every=50, precision="fp32", grad_clip=1.0
         ),
-        optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.01),
+        optim=OptimConfig(name="adamw", lr=4e-3, weight_decay=0.01),
         schedule=ScheduleConfig(name="cosine", warmup_frac=0.05, min_lr_ratio=0.05),
     )
 
