@@ -8,10 +8,13 @@ config is valid and the data is found, and an existing run is never overwritten:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -174,7 +177,7 @@ def run(
     cbs.extend(callbacks)
 
     name = f"{recipe.name}:{preset}"
-    with _terminate_as_interrupt(env):
+    with _sigterm_ends_training(env):
         outcome = _fit_with_trainer(exp, cfg, out, cbs, resume, dev, exp.dist or env, name)
     if outcome.status == "failed":  # a peer is gone: say so, and how to continue, on every survivor
         _ignore_terminate()  # the launcher's SIGTERM must not cut the record and the message short
@@ -323,36 +326,26 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (a launcher stopping the survivors of a failed process, a scheduler ending the job)."""
 
 
-class _terminate_as_interrupt:
+@contextlib.contextmanager
+def _sigterm_ends_training(env: DistEnv) -> Iterator[None]:
     """In a multi-process run, SIGTERM ends training with the run record written (status "failed") and the
     paragraph that says how to resume, instead of killing the process without a word. Single-process runs
     keep the default."""
+    if not (env.multi_process and threading.current_thread() is threading.main_thread()):
+        yield
+        return
 
-    def __init__(self, env: DistEnv) -> None:
-        self.env, self.previous = env, None
-
-    def _handler(self, signum: int, frame: Any) -> None:
+    def handler(signum: int, frame: Any) -> None:
         raise _Terminated()
 
-    def __enter__(self) -> _terminate_as_interrupt:
-        import signal
-        import threading
-
-        if self.env.multi_process and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _ignore_terminate() -> None:
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
