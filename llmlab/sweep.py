@@ -158,7 +158,9 @@ def run_sweep(
         "",
         "## Mean ± std over seeds",
         "",
-        aggregate_runs(dirs, group_by=list(plan.axes) or None) if len(dirs) > 1 else "(one run)",
+        # grouped by the sweep's own axes: the runs of one grid point differ only in their seed, even where an
+        # older run's config lacks a key added to llmlab since (a missing key would otherwise split them)
+        aggregate_runs(dirs, group_by=list(plan.axes)) if len(dirs) > 1 else "(one run)",
         "",
         "## Every run",
         "",
