@@ -37,7 +37,10 @@ def test_quickstart_without_make_matches_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
     assert f"pip install --quiet -e '.[{extra}]'" in makefile  # `make test` installs the same extra
     assert "llmlab demo" in commands and "$(BIN)/llmlab demo" in makefile
-    assert "pytest" in commands and "$(BIN)/python -m pytest -q" in makefile
+    pytest = next(c for c in commands if c.startswith("pytest"))
+    workers = re.search(r"^TEST_WORKERS \?= (\d+)$", makefile, flags=re.M).group(1)
+    run = re.search(r"\$\(BIN\)/python -m pytest -q (.*)$", makefile, flags=re.M).group(1)
+    assert pytest == "pytest " + run.replace("$(TEST_WORKERS)", workers)  # the suite as `make test` runs it
     ruff = re.search(r"after `(ruff check [^`]+)`", README).group(1)
     assert f"$(BIN)/{ruff}" in makefile  # the lint step README names is the one `make test` runs
     assert 'testpaths = ["tests"]' in pyproject  # a bare `pytest` at the root runs the suite

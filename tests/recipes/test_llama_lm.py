@@ -73,20 +73,21 @@ def test_zero3_under_torchrun_takes_the_steps_of_one_process(llama_run, tmp_path
 
 @pytest.mark.slow
 def test_real_novels_loss_falls_then_lora_adapts_it_to_the_tang_poems(shared_data, tmp_path):
-    """The CPU preset's model for 150 of its 3,000 steps on the real novels: val loss per character falls
-    from ln(6,403) = 8.76 (uniform over the characters) to below 6.2 (measured 5.81; unigram frequencies
-    give 6.72, so a model that learned nothing from context stays above it). Then `llama-lora --preset
-    zh-poetry` from it for 40 steps on the real Tang poems (simplified with OpenCC): the val loss on the
-    poems falls by more than 0.2 below the init's, and the init's weights stay bit-identical."""
+    """The CPU preset's model for 100 of its 3,000 steps on the real novels: val loss per character falls
+    from ln(6,403) = 8.76 (uniform over the characters) to below 6.45 (measured 6.18 on one thread, as a
+    `make test` worker runs it; unigram frequencies give 6.72, so a model that learned nothing from context
+    stays above it). Then `llama-lora --preset zh-poetry` from it for 40 steps on the real Tang poems
+    (simplified with OpenCC): the val loss on the poems falls by more than 0.2 below the init's (measured
+    7.37 → 7.10), and the init's weights stay bit-identical."""
     import hashlib
 
     pre = tmp_path / "real"
     result = run(
-        "llama-pretrain", "cpu", ["train.max_steps=150", "train.eval_every=150", "data.eval_batches=10",
+        "llama-pretrain", "cpu", ["train.max_steps=100", "train.eval_every=100", "data.eval_batches=10",
                                   "samples.count=0"],
         out=pre, device="cpu", data_dir=shared_data,
     )  # fmt: skip
-    assert result["metrics"]["val/loss_per_char"] < 6.2
+    assert result["metrics"]["val/loss_per_char"] < 6.45
     weights = (pre / "model.safetensors").read_bytes()
     lora = run(
         "llama-lora", "zh-poetry", [f"init_from={pre}", "train.max_steps=40", "train.eval_every=40",

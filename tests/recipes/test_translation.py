@@ -173,21 +173,21 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_multi30k_bleu_rises_and_our_bleu_is_sacrebleus(shared_data, tmp_path):
-    """240 steps of a small model without dropout on real Multi30k (about 45 s on 2 cores): val BLEU rises
-    at each evaluation and ends above a floor a broken pipeline cannot reach (an untrained model scores < 1);
-    the final figures equal sacrebleu run on the saved translations.
+    """150 steps of a small model without dropout on real Multi30k (about 100 s on one thread, as a `make
+    test` worker runs it): val BLEU rises at each evaluation and ends above a floor a broken pipeline cannot
+    reach (an untrained model scores < 1); the final figures equal sacrebleu run on the saved translations.
 
     Dropout is off: on CPU drawing its masks costs about a third of each step (300 steps: about 80 s with the
     cpu preset's three 0.1 dropouts, about 60 s without), and in a run this short it only slows learning.
-    Measured with this setup on a 2-core x86 CPU: val BLEU 2.9 / 4.6 / 7.9 at steps 80 / 160 / 240, final
-    greedy 7.9 and beam 9.7. The floors 4 and 5 are about half of those, the ratio the former setup had (300
-    steps with dropout: 5.1 greedy / 7.4 beam against floors 2.5 / 3.5): far above an untrained model, with
-    room for other CPUs' rounding."""
+    Measured with this setup on a 2-core x86 CPU, one thread: val BLEU 2.4 / 3.7 / 4.1 at steps 50 / 100 /
+    150, final greedy 4.1 and beam 6.6. The floors 2 and 3 are about half of those, the ratio the former
+    setups had (240 steps: 7.9 / 9.7 against floors 4 / 5; 300 steps with dropout: 5.1 / 7.4 against 2.5 /
+    3.5): far above an untrained model, with room for other CPUs' rounding."""
     out = tmp_path / "real"
     overrides = [
         "model.d_model=128", "model.encoder_layers=2", "model.decoder_layers=2", "model.d_ff=256",
         "model.dropout=0", "model.attention_dropout=0", "model.activation_dropout=0",
-        "data.vocab_size=4000", "data.eval_limit=200", "train.max_steps=240", "train.eval_every=80",
+        "data.vocab_size=4000", "data.eval_limit=200", "train.max_steps=150", "train.eval_every=50",
         "train.batch_size=2000", "schedule.warmup_steps=50", "optim.lr=2e-3",
     ]  # fmt: skip
     result = run("multi30k-transformer", "cpu", overrides, out=out, device="cpu", data_dir=shared_data)
@@ -195,7 +195,7 @@ def test_real_multi30k_bleu_rises_and_our_bleu_is_sacrebleus(shared_data, tmp_pa
     val_bleu = [r["bleu"] for r in metrics if r["split"] == "val"]
     assert len(val_bleu) == 3 and val_bleu[0] < val_bleu[1] < val_bleu[2]
     m = result["metrics"]
-    assert m["val/bleu_greedy"] > 4.0 and m["val/bleu_beam"] > 5.0
+    assert m["val/bleu_greedy"] > 2.0 and m["val/bleu_beam"] > 3.0
     from llmlab.data.translation import load_multi30k
 
     refs = load_multi30k(shared_data).splits["val"][1][:200]
