@@ -37,6 +37,16 @@ def shared_data() -> Path:
     pytest.skip(msg)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread while a test runs, the previous count after. On 2 shared cores more
+    threads only contend; the golden curves are also made on one thread (tests/recipes/test_recipes.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Derived caches go to a per-session temp folder, never to the user's ~/.cache."""

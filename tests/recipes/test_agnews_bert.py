@@ -41,13 +41,9 @@ DDP_ARGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, more threads only contend (and 2 processes get one each)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test here: on 2 shared cores, more threads only contend (and 2 processes get
+# one each).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env(data: Path) -> dict[str, str]:

@@ -14,16 +14,10 @@ from llmlab.recipes.base import BuildContext
 from llmlab.runner import evaluate_run, run
 from llmlab.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, more threads only contend. With the machine busy (load ~6),
-    test_real_imdb_subset_learns took 786 s on torch's default 2 threads and 80 s on one, and the float64
-    steps below run 5-10x slower on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test here: on 2 shared cores, more threads only contend. With the machine busy
+# (load ~6), test_real_imdb_subset_learns took 786 s on torch's default 2 threads and 80 s on one, and the
+# float64 steps below run 5-10x slower on two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_batches_are_bucketed_token_ids_with_lengths():

@@ -22,21 +22,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmlab.recipes import RECIPES
 from llmlab.runner import run
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread while the smoke run trains (the goldens' setting), the previous count after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
