@@ -46,6 +46,12 @@ class TrainConfig:
     # that died or hangs); must exceed the longest stretch one process works alone (rank 0 writing a
     # checkpoint). torch's own default is 30 min (gloo) / 10 min (NCCL).
     dist_timeout_s: float = 600.0
+    # Model selection (llmlab/train/best.py): end the run with the weights of the evaluation with the best
+    # value of this validation metric ("val/accuracy", "val/loss", "val/bleu"), kept in
+    # checkpoints/best.safetensors; the test split is evaluated on them and they are the saved model.
+    # None: the last weights.
+    best_metric: str | None = None
+    best_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for losses and perplexities, else max
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -68,6 +74,23 @@ class TrainConfig:
             raise ValueError("keep_checkpoints must be >= 1")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s}: must be > 0 seconds")
+        if self.best_mode not in ("auto", "max", "min"):
+            raise ValueError(f"best_mode={self.best_mode!r}: auto, max or min")
+        if self.best_metric is not None:
+            split, _, name = self.best_metric.partition("/")
+            if not split or not name or "/" in name:
+                raise ValueError(
+                    f"best_metric={self.best_metric!r}: a validation metric as split/name, e.g. val/accuracy"
+                )
+            if split in ("train", "test"):
+                raise ValueError(
+                    f"best_metric={self.best_metric!r}: select on a validation split (e.g. val/{name}); "
+                    + (
+                        "the test split is evaluated once, on the selected model"
+                        if split == "test"
+                        else "training metrics are not evaluations"
+                    )
+                )
         if self.ds_stage not in (0, 1, 2, 3):
             raise ValueError(f"ds_stage={self.ds_stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
 

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmlab.config import ConfigError
 from llmlab.train import checkpoint as ckpt
+from llmlab.train.best import BestWeights
 from llmlab.train.callbacks import Callback
 from llmlab.train.config import ScheduleConfig, TrainConfig
 from llmlab.train.distributed import DistEnv, all_reduce_sum_
@@ -163,6 +165,15 @@ class Trainer:
         self.final_loaders = dict(final_loaders or {})
         self.checkpoint_dir = checkpoint_dir
         self.callbacks = list(callbacks)
+        # train.best_metric: the weights of the best evaluation so far (llmlab/train/best.py)
+        self.best: BestWeights | None = None
+        if cfg.best_metric is not None:
+            self.best = BestWeights(cfg.best_metric, cfg.best_mode, checkpoint_dir)
+            if self.best.split not in self.eval_loaders:
+                evaluated = ", ".join(self.eval_loaders) or "no split"
+                raise ConfigError(
+                    f"train.best_metric={cfg.best_metric}: this run evaluates {evaluated} during training"
+                )
 
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
@@ -331,9 +342,13 @@ class Trainer:
         with self.strategy.evaluating():
             return evaluate(model, self.task, loader, self.device, self.dist, self.autocast)
 
-    def _run_evals(self, loaders: dict[str, Iterable]) -> None:
+    def _run_evals(self, loaders: dict[str, Iterable], select: bool = False) -> None:
+        """Evaluate each split (its metrics become final metrics and a log record); `select`: these are the
+        evaluations during training, which train.best_metric selects among."""
+        evaluated: dict[str, float] = {}
         for split, loader in loaders.items():
             metrics = self.evaluate(loader)
+            evaluated.update({f"{split}/{k}": v for k, v in metrics.items()})
             self.final_metrics.update({f"{split}/{k}": v for k, v in metrics.items()})
             record = {
                 "step": self.step,
@@ -344,6 +359,39 @@ class Trainer:
             }
             self._emit("on_log", record)
         self._last_eval_step = self.step
+        if select and self.best is not None:
+            value = self.best.value_of(evaluated)
+            if self.best.improves(value):
+                weights = self.strategy.model_state_dict()  # every process takes part (ZeRO gathers)
+                self.best.record(self.step, self.epoch_float, value, evaluated, weights, self.dist.is_main)
+                if self.dist.multi_process:
+                    dist.barrier()  # the file is complete before any process can read it
+
+    def _check_best_metric(self) -> None:
+        """Before training: the selected metric is one its split's evaluation reports (one batch is evaluated,
+        in eval mode: no random numbers drawn), so a misspelt name fails now, not after the first epoch."""
+        model = self.strategy.eval_model
+        batch = to_device(next(iter(self.eval_loaders[self.best.split])), self.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self.strategy.evaluating(), self.autocast():
+            out = self.task.step(model, batch)
+        model.train(was_training)
+        n = float(max(out.n, 1))
+        metrics = self.task.metrics(float(out.loss) * n, n, {k: float(v) for k, v in out.sums.items()})
+        try:
+            self.best.value_of({f"{self.best.split}/{k}": v for k, v in metrics.items()})
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    def _select_best(self) -> None:
+        """End of training under train.best_metric: set the model to the best evaluation's weights; their
+        evaluated metrics become the run's (the test split is evaluated on them next)."""
+        if self.best is None or self.best.step is None:
+            return  # nothing was evaluated (or every value was NaN): the last weights stay
+        if self.best.step != self.step:
+            self.strategy.load_model_state_dict(self.best.weights(self.device))
+        self.final_metrics.update(self.best.final_metrics())
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -426,6 +474,8 @@ class Trainer:
         per_rank = state.get("rng_per_rank", [])
         if t["world_size"] == self.dist.world_size and self.dist.rank < len(per_rank):
             torch.set_rng_state(per_rank[self.dist.rank].to("cpu", torch.uint8))
+        if self.best is not None:
+            self.best.resume(self.step)
 
     # ----------------------------------------------------------------- the loop
     def _due(self, every: int, epoch_end: bool) -> bool:
@@ -446,11 +496,17 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.checkpoint_dir)
             if path is not None:
                 self.restore(path)
+        if self.best is not None:
+            self._check_best_metric()
         self._emit("on_train_start")
         try:
             self._loop()
             if self._last_eval_step != self.step:
-                self._run_evals(self.eval_loaders)
+                self._run_evals(self.eval_loaders, select=True)
+            if self.best is not None:
+                if self.cfg.checkpoint_every >= 0 and self._last_ckpt_step != self.step:
+                    self.save_checkpoint()  # the last step's weights, before the best ones replace them
+                self._select_best()
             self._run_evals(self.final_loaders)  # the test set: once, at the end
             if self.cfg.checkpoint_every >= 0 and self._last_ckpt_step != self.step:
                 self.save_checkpoint()  # so that --resume of a finished run has nothing left to do
@@ -483,7 +539,7 @@ class Trainer:
                     self._log_train(self.train_time_s - interval_start)
                     interval_start = self.train_time_s
                 if self._due(self.cfg.eval_every, epoch_end) or done:
-                    self._run_evals(self.eval_loaders)
+                    self._run_evals(self.eval_loaders, select=True)
                 if self.cfg.max_time_s is not None and self._time_is_up():
                     self.should_stop, self.stop_reason = True, "max_time"
                 if not done and self._due(self.cfg.checkpoint_every, epoch_end):
