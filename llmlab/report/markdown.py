@@ -322,6 +322,15 @@ def _summary_section(record: RunRecord) -> str:
         wall = r.get("wall_time_s")
         training += f", and took {fmt_duration(wall)} wall time." if is_finite_number(wall) else "."
         sentences.append(training)
+    best_step = record.final_metrics().get("best/step")
+    selected_on = record.flat_config().get("train.best_metric")
+    if is_number(best_step) and isinstance(selected_on, str):  # train.best_metric (llmlab/train/best.py)
+        best_epoch = record.final_metrics().get("best/epoch")
+        where = f" (epoch {fmt_epochs(best_epoch)})" if is_number(best_epoch) else ""
+        sentences.append(
+            f"The final model is that of step {fmt_count(best_step)}{where}, the best `{selected_on}` of the "
+            "run's evaluations (`train.best_metric`); the test split was evaluated on it."
+        )
     return f"## Summary\n\n{' '.join(sentences)}\n\n**Result:** {headline(record)}"
 
 

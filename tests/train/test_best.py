@@ -207,6 +207,8 @@ def test_a_recipe_run_saves_and_reports_the_selected_model(tmp_path):
     saved = load_weights(out / "model.safetensors")
     best = load_weights(out / "checkpoints" / "best.safetensors")
     assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+    report = (out / "report.md").read_text()
+    assert f"The final model is that of step {worst} " in report and "the best `val/loss`" in report
 
 
 @pytest.mark.slow
