@@ -11,8 +11,10 @@ their 2nd logged point, 0.4% at the 4th and 2.5% at the 5th (measured: goldens m
 Intel Xeon). The number of intra-op threads changes the rounding too (ResNet-20 on one thread instead of two,
 same CPU: 0.21% at the 2nd point, 2.6% at the 4th), so the smoke runs here always use one thread, as the
 goldens were made (and as `make test`'s workers run). A real change (initialisation, data order, schedule,
-loss) moves the very first logged losses by more than 1e-2. So the first two points must agree to rtol 1e-3
-and the next two to rtol 2e-2; later points, which only say how chaotic a run is, are stored but not compared.
+loss) moves the very first logged losses by more than 1e-2. So the first two points must agree to rtol 3e-3
+(ResNet-20's 2nd point measured 0.11% off on an Intel Xeon host against the one-thread AMD golden, 2026-12-02)
+and the next two to rtol 5e-2 (its 4th point: 2.1% off there); later points, which only say how chaotic a run
+is, are stored but not compared.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def test_smoke_preset_trains_and_matches_its_golden_curve(name, tmp_path, reques
     expected = json.loads(golden.read_text())["train_loss"]
     assert [s for s, _ in curve] == [s for s, _ in expected]
     values, golden = [v for _, v in curve], [v for _, v in expected]
-    assert values[:2] == pytest.approx(golden[:2], rel=1e-3)
-    assert values[2:4] == pytest.approx(golden[2:4], rel=2e-2)
+    assert values[:2] == pytest.approx(golden[:2], rel=3e-3)
+    assert values[2:4] == pytest.approx(golden[2:4], rel=5e-2)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
