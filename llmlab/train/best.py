@@ -46,7 +46,7 @@ class BestWeights:
 
     def __init__(self, metric: str, mode: Literal["auto", "max", "min"], directory: Path | None) -> None:
         self.metric = metric
-        self.split, _, self.name = metric.partition("/")
+        self.split = metric.partition("/")[0]
         self.mode = metric_mode(metric, mode)
         self.path = directory / FILE if directory is not None else None
         self.step: int | None = None

@@ -348,8 +348,9 @@ class Trainer:
         evaluated: dict[str, float] = {}
         for split, loader in loaders.items():
             metrics = self.evaluate(loader)
-            evaluated.update({f"{split}/{k}": v for k, v in metrics.items()})
-            self.final_metrics.update({f"{split}/{k}": v for k, v in metrics.items()})
+            named = {f"{split}/{k}": v for k, v in metrics.items()}
+            evaluated.update(named)
+            self.final_metrics.update(named)
             record = {
                 "step": self.step,
                 "epoch": round(self.epoch_float, 4),
