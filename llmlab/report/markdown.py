@@ -331,6 +331,15 @@ def _summary_section(record: RunRecord) -> str:
             f"The final model is that of step {fmt_count(best_step)}{where}, the best `{selected_on}` of the "
             "run's evaluations (`train.best_metric`); the test split was evaluated on it."
         )
+    averaged, kind = record.final_metrics().get("average/n"), record.flat_config().get("train.weight_average")
+    if is_number(averaged) and kind in ("ema", "swa"):  # train.weight_average (llmlab/train/averaging.py)
+        first = record.final_metrics().get("average/first_step")
+        what = {"ema": "an exponential moving average", "swa": "the mean"}[kind]
+        since = f" from step {fmt_count(first)} on" if is_number(first) else ""
+        sentences.append(
+            f"The final model is {what} of the weights of {fmt_count(averaged)} steps{since} "
+            "(`train.weight_average`); the validation and test splits were evaluated on it."
+        )
     return f"## Summary\n\n{' '.join(sentences)}\n\n**Result:** {headline(record)}"
 
 

@@ -52,6 +52,14 @@ class TrainConfig:
     # None: the last weights.
     best_metric: str | None = None
     best_mode: Literal["auto", "max", "min"] = "auto"  # auto: min for losses and perplexities, else max
+    # Weight averaging (llmlab/train/averaging.py): end the run with an exponential moving average ("ema") or
+    # the plain mean ("swa") of the weights after every `average_every`-th step from `average_start` (a
+    # fraction of the run's steps) on; the val splits are evaluated again on it, the test split on it only,
+    # and it is the saved model. "none": the last weights.
+    weight_average: Literal["none", "ema", "swa"] = "none"
+    ema_decay: float = 0.999
+    average_start: float = 0.0
+    average_every: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -76,6 +84,19 @@ class TrainConfig:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s}: must be > 0 seconds")
         if self.best_mode not in ("auto", "max", "min"):
             raise ValueError(f"best_mode={self.best_mode!r}: auto, max or min")
+        if self.weight_average not in ("none", "ema", "swa"):
+            raise ValueError(f"weight_average={self.weight_average!r}: none, ema or swa")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay}: must be in (0, 1), e.g. 0.999")
+        if not 0.0 <= self.average_start < 1.0:
+            raise ValueError(f"average_start={self.average_start}: a fraction of the run's steps in [0, 1)")
+        if self.average_every < 1:
+            raise ValueError(f"average_every={self.average_every}: must be >= 1")
+        if self.weight_average != "none" and self.best_metric is not None:
+            raise ValueError(
+                f"weight_average={self.weight_average} and best_metric={self.best_metric}: choose one way to "
+                "pick the final weights (an average of many steps, or the best evaluated step)"
+            )
         if self.best_metric is not None:
             split, _, name = self.best_metric.partition("/")
             if not split or not name or "/" in name:

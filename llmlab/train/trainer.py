@@ -24,6 +24,7 @@ from torch import nn
 
 from llmlab.config import ConfigError
 from llmlab.train import checkpoint as ckpt
+from llmlab.train.averaging import WeightAverage, first_update_step
 from llmlab.train.best import BestWeights
 from llmlab.train.callbacks import Callback
 from llmlab.train.config import ScheduleConfig, TrainConfig
@@ -183,6 +184,11 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.max_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(optimizer, schedule, self.total_steps)
+        # train.weight_average: an EMA or SWA of the weights is the final model (llmlab/train/averaging.py)
+        self.average: WeightAverage | None = None
+        if cfg.weight_average != "none":
+            start = first_update_step(cfg.average_start, self.total_steps)
+            self.average = WeightAverage(cfg.weight_average, cfg.ema_decay, start, cfg.average_every)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         # Position and counters: all of this goes into a checkpoint.
@@ -394,9 +400,27 @@ class Trainer:
             self.strategy.load_model_state_dict(self.best.weights(self.device))
         self.final_metrics.update(self.best.final_metrics())
 
+    def _apply_average(self) -> None:
+        """End of training under train.weight_average: set the model to the averaged weights and evaluate the
+        validation splits again on them (their metrics become the run's; the test split is evaluated next)."""
+        if self.average is None or self.average.n == 0:
+            return  # the run ended before the first averaged step: the last weights stay
+        self.strategy.load_model_state_dict(self.average.weights)
+        for split, loader in self.eval_loaders.items():
+            metrics = self.evaluate(loader)
+            self.final_metrics.update({f"{split}/{k}": v for k, v in metrics.items()})
+            record = {"step": self.step, "epoch": round(self.epoch_float, 4), "split": split,
+                      "time_s": round(self.train_time_s, 3), "weights": f"{self.average.kind} average",
+                      **metrics}  # fmt: skip
+            self._emit("on_log", record)
+        self.final_metrics["average/n"] = float(self.average.n)
+        self.final_metrics["average/first_step"] = float(self.average.start_step)
+
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
+        extra = {"average": self.average.state_dict()} if self.average is not None else {}
         return {
+            **extra,
             "trainer": {
                 "step": self.step,
                 "epoch": self.epoch,
@@ -477,6 +501,23 @@ class Trainer:
             torch.set_rng_state(per_rank[self.dist.rank].to("cpu", torch.uint8))
         if self.best is not None:
             self.best.resume(self.step)
+        if self.average is not None:
+            self._resume_average(path, state)
+
+    def _resume_average(self, path: Path, state: dict[str, Any]) -> None:
+        if "average" in state:
+            try:
+                self.average.load_state_dict(state["average"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path}: {err}; resume with the settings the run was started with"
+                ) from err
+        elif self.step >= self.average.start_step:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} (step {self.step}) was written without train.weight_average, after the "
+                f"step this run starts averaging at ({self.average.start_step}): the average of the steps "
+                "before it cannot be rebuilt. Resume without train.weight_average, or start a new run"
+            )
 
     # ----------------------------------------------------------------- the loop
     def _due(self, every: int, epoch_end: bool) -> bool:
@@ -504,10 +545,11 @@ class Trainer:
             self._loop()
             if self._last_eval_step != self.step:
                 self._run_evals(self.eval_loaders, select=True)
-            if self.best is not None:
+            if self.best is not None or self.average is not None:
                 if self.cfg.checkpoint_every >= 0 and self._last_ckpt_step != self.step:
-                    self.save_checkpoint()  # the last step's weights, before the best ones replace them
+                    self.save_checkpoint()  # the last step's weights, before the selected ones replace them
                 self._select_best()
+                self._apply_average()
             self._run_evals(self.final_loaders)  # the test set: once, at the end
             if self.cfg.checkpoint_every >= 0 and self._last_ckpt_step != self.step:
                 self.save_checkpoint()  # so that --resume of a finished run has nothing left to do
@@ -526,6 +568,8 @@ class Trainer:
                 out = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
+                if self.average is not None and self.average.due(self.step):
+                    self.average.update(self.strategy.model_state_dict())  # every process (ZeRO-3 gathers)
                 self.units_seen += out.n
                 epoch_end = self.batch_in_epoch == self.steps_per_epoch
                 if epoch_end:
