@@ -23,11 +23,12 @@ from llmlab.runner import run
 from llmlab.train.averaging import WeightAverage, first_update_step
 from llmlab.train.callbacks import Callback
 from llmlab.train.checkpoint import CheckpointError, load_checkpoint, load_weights
-from llmlab.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from llmlab.train.config import OptimConfig, TrainConfig
 from llmlab.train.optim import build_optimizer
 from llmlab.train.tasks import ClassificationTask
-from llmlab.train.trainer import Trainer, evaluate
+from llmlab.train.trainer import evaluate
 from tests.runs import relative_diff, torchrun_llmlab
+from tests.train.noisy import noisy_classes, noisy_trainer
 
 
 class Net(nn.Module):
@@ -44,13 +45,6 @@ class Net(nn.Module):
             with torch.no_grad():
                 self.input_mean.lerp_(x.mean(0), 0.1)  # [12]
         return self.fc2(self.drop(torch.relu(self.fc1(x - self.input_mean))))
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(3, 12, generator=g) * 2
-    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 100))
-    return protos[y] + 2.0 * torch.randn(n, 12, generator=g), y
 
 
 # Both averages are sums of the same float32 tensors (|w| < 3): the EMA uses the same lerp as torch's (exact);
@@ -79,18 +73,7 @@ def make_trainer(tmp_path=None, dropout=0.0, callbacks=(), model=None, **train):
     opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.3, momentum=0.9))
     defaults = dict(batch_size=16, max_epochs=4, log_every=4, precision="fp32", eval_every=8)
     cfg = TrainConfig(**{**defaults, "checkpoint_every": 4, "keep_checkpoints": 100, **train})
-    return Trainer(
-        model,
-        ClassificationTask(),
-        opt,
-        TensorLoader(_data(128, seed=0), cfg.batch_size, shuffle=True, drop_last=True, seed=7),
-        cfg,
-        ScheduleConfig(name="constant"),
-        eval_loaders={"val": TensorLoader(_data(96, seed=1), 32)},
-        final_loaders={"test": TensorLoader(_data(96, seed=2), 32)},
-        checkpoint_dir=tmp_path / "ckpt" if tmp_path else None,
-        callbacks=list(callbacks),
-    )
+    return noisy_trainer(model, opt, cfg, tmp_path / "ckpt" if tmp_path else None, callbacks)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +103,8 @@ def test_the_final_model_is_the_average_of_torchs_averaged_model(tmp_path, kind,
     assert relative_diff(last, final) > 1e-3
     # The validation and test metrics are the averaged model's.
     for split, seed in (("val", 1), ("test", 2)):
-        ref = evaluate(trainer.raw_model, ClassificationTask(), TensorLoader(_data(96, seed=seed), 32), "cpu")
+        loader = TensorLoader(noisy_classes(96, seed=seed), 32)
+        ref = evaluate(trainer.raw_model, ClassificationTask(), loader, "cpu")
         assert metrics[f"{split}/accuracy"] == ref["accuracy"] and metrics[f"{split}/loss"] == ref["loss"]
 
 

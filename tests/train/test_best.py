@@ -21,11 +21,12 @@ from llmlab.runner import run
 from llmlab.train.best import BestWeights, metric_mode
 from llmlab.train.callbacks import Callback
 from llmlab.train.checkpoint import CheckpointError, load_checkpoint, load_weights
-from llmlab.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from llmlab.train.config import OptimConfig, TrainConfig
 from llmlab.train.optim import build_optimizer
 from llmlab.train.tasks import ClassificationTask
-from llmlab.train.trainer import Trainer, evaluate
+from llmlab.train.trainer import evaluate
 from tests.runs import relative_diff, torchrun_llmlab
+from tests.train.noisy import noisy_classes, noisy_trainer
 
 
 class Evaluations(Callback):
@@ -39,14 +40,6 @@ class Evaluations(Callback):
             self.val[record["step"]] = record
 
 
-def _data(n, seed, flip=False):
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(3, 12, generator=g) * 2
-    y = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 100))
-    x = protos[y] + 2.0 * torch.randn(n, 12, generator=g)
-    return x, (y + 1) % 3 if flip else y
-
-
 def make_trainer(tmp_path=None, dropout=0.0, callbacks=(), **train):
     """An MLP on 3 noisy classes, SGD at a high rate: the validation metrics go up and down between the
     evaluations every 2 steps, so the best one falls in the middle of the run."""
@@ -55,19 +48,7 @@ def make_trainer(tmp_path=None, dropout=0.0, callbacks=(), **train):
     opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.5, momentum=0.9))
     defaults = dict(batch_size=16, max_epochs=4, log_every=4, precision="fp32", eval_every=2)
     cfg = TrainConfig(**{**defaults, "checkpoint_every": 2, "keep_checkpoints": 100, **train})
-    x, y = _data(128, seed=0)
-    return Trainer(
-        model,
-        ClassificationTask(),
-        opt,
-        TensorLoader((x, y), cfg.batch_size, shuffle=True, drop_last=True, seed=7),
-        cfg,
-        ScheduleConfig(name="constant"),
-        eval_loaders={"val": TensorLoader(_data(96, seed=1), 32)},
-        final_loaders={"test": TensorLoader(_data(96, seed=2), 32)},
-        checkpoint_dir=tmp_path / "ckpt" if tmp_path else None,
-        callbacks=list(callbacks),
-    )
+    return noisy_trainer(model, opt, cfg, tmp_path / "ckpt" if tmp_path else None, callbacks)
 
 
 def _expected_best(evals: Evaluations, name: str, mode: str) -> int:
@@ -94,7 +75,7 @@ def test_the_final_model_is_the_checkpoint_of_the_best_evaluation(tmp_path, metr
     kept = load_weights(tmp_path / "ckpt" / "best.safetensors")
     assert all(torch.equal(final[k], v) for k, v in kept.items())
     # the test split was evaluated on the selected weights
-    test_loader = TensorLoader(_data(96, seed=2), 32)
+    test_loader = TensorLoader(noisy_classes(96, seed=2), 32)
     test = evaluate(trainer.raw_model, ClassificationTask(), test_loader, trainer.device)
     assert metrics["test/accuracy"] == test["accuracy"] and metrics["test/loss"] == test["loss"]
     # the last step's state is still the latest checkpoint: --resume of the finished run has nothing to do
