@@ -15,6 +15,13 @@ Each direction is `torch.nn.LSTM`/`GRU` (`impl="fused"`, the fast default) or ll
 `convert_torch_rnn_state_dict` maps a (multi-layer, bidirectional) torch.nn.LSTM/GRU's weights onto this
 layout. Max-pooling over time follows Collobert et al. (2011) and Conneau et al. (2017, InferSent); "last"
 concatenates the final states of both directions (the forward one at each sequence's last valid step).
+
+Word-type dropout (`embed_dropout`; Gal & Ghahramani 2016, §4, "embedding dropout" in Merity et al. 2018's
+AWD-LSTM): in training, each vocabulary word is dropped with probability p for the whole batch (its embedding
+is zero at every position where it occurs) and the kept words' embeddings are scaled by 1/(1 − p), so the
+expected input is unchanged; evaluation uses every word unscaled. Unlike element-wise dropout on the embedded
+sequence, a dropped word cannot be recovered from its other occurrences: the model must learn from the rest of
+the review.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class RNNClassifierConfig:
     layers: int = 1
     bidirectional: bool = True
     dropout: float = 0.3  # on the embeddings, between recurrent layers, and before the classifier
+    embed_dropout: float = 0.0  # word-type dropout: each vocabulary word dropped for a whole training batch
     pooling: Literal["max", "mean", "last"] = "max"
     num_classes: int = 2
     # LSTM only: start the forget gate's total bias at this value (Jozefowicz et al. 2015 recommend 1.0, so
@@ -58,6 +66,8 @@ class RNNClassifierConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if not 0 <= self.embed_dropout < 1:
+            raise ValueError("embed_dropout must be in [0, 1)")
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -111,10 +121,20 @@ class RNNClassifier(nn.Module):
                         h = cfg.hidden
                         p[h : 2 * h] = cfg.lstm_forget_bias if "bias_ih" in name else 0.0
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] → embeddings [B, T, E], with word-type dropout in training (module docstring)."""
+        x = self.embedding(tokens)  # [B, T, E]
+        p = self.cfg.embed_dropout
+        if self.training and p > 0:
+            w = self.embedding.weight  # [V, E]
+            keep = torch.empty(w.shape[0], device=w.device, dtype=w.dtype).bernoulli_(1 - p)  # [V]: 1 = kept
+            x = x * (keep[tokens] / (1 - p))[..., None]  # [B, T, E]: every occurrence of a word alike
+        return x
+
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] (0 = padding), lengths [B] (≥ 1) → (outputs [B, T, D*H], final states [B, D*H])."""
         lengths = lengths.to(tokens.device)
-        x = self.dropout(self.embedding(tokens))  # [B, T, E]
+        x = self.dropout(self.embed(tokens))  # [B, T, E]
         for k, layer in enumerate(self.rnn):
             if k > 0:
                 x = self.dropout(x)  # between layers, as torch.nn.LSTM(dropout=...)

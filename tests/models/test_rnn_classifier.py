@@ -125,3 +125,33 @@ def test_lstm_forget_gate_bias_starts_at_one():
             assert not torch.all(rnn.bias_ih_l0[:4] == 1)  # the other gates keep torch's init
     gru = build_rnn_classifier(RNNClassifierConfig(cell="gru", vocab_size=50, embed_dim=6, hidden=4))
     assert not torch.all(gru.rnn[0].fwd.bias_ih_l0[4:8] == 1)
+
+
+def test_word_type_dropout_drops_every_occurrence_of_a_word_and_keeps_the_expectation():
+    """embed_dropout: in training a word is dropped everywhere in the batch or kept everywhere, scaled by
+    1/(1 − p); in evaluation the embeddings are untouched. Element-wise dropout (a different mask per
+    position) fails the first check, a missing 1/(1 − p) the second, dropping in evaluation the last."""
+    p, vocab = 0.25, 2000
+    torch.manual_seed(0)
+    cfg = RNNClassifierConfig(vocab_size=vocab, embed_dim=8, hidden=4, embed_dropout=p)
+    model = build_rnn_classifier(cfg)
+    tokens = torch.randint(1, vocab, (16, 300))  # [B, T]: most words occur several times
+    emb = model.embedding(tokens)  # [B, T, E]
+    model.train()
+    x = model.embed(tokens)  # [B, T, E]
+    ratio = (x / emb)[..., 0]  # [B, T]: 0 where dropped, 1/(1 − p) where kept
+    assert ((ratio == 0) | torch.isclose(ratio, torch.tensor(1 / (1 - p)))).all()
+    torch.testing.assert_close(x, emb * ratio[..., None], rtol=1e-6, atol=0)
+    dropped = {}
+    for word, r in zip(tokens.flatten().tolist(), ratio.flatten().tolist(), strict=True):
+        assert dropped.setdefault(word, r == 0) == (r == 0), word  # the same fate at every occurrence
+    # the share of dropped words is p: sd sqrt(p(1 − p)/n) ≈ 0.01 over n ≈ 1,800 distinct words; 5 sd
+    assert abs(sum(dropped.values()) / len(dropped) - p) < 0.05
+    # the expectation is kept: the mean over 400 masks is within 4 sd (sd = |e| sqrt(p/(1 − p)/400))
+    mean = torch.stack([model.embed(tokens[:1, :20]) for _ in range(400)]).mean(0)  # [1, 20, E]
+    e = emb[:1, :20]
+    assert ((mean - e).abs() <= 4 * e.abs() * (p / (1 - p) / 400) ** 0.5 + 1e-6).all()
+    model.eval()
+    assert torch.equal(model.embed(tokens), emb)
+    with pytest.raises(ValueError, match="embed_dropout"):
+        RNNClassifierConfig(embed_dropout=1.0)
