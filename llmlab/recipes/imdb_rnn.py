@@ -287,7 +287,7 @@ class ImdbGRU(_ImdbRecipe):
     description = "Stage 3: bidirectional GRU sentiment classifier on IMDB (+ TF-IDF baseline)"
     presets = {"default": lambda: _default("gru"), "smoke": lambda: _smoke("gru")}
     preset_help = {
-        "default": "real IMDB, BiGRU 128, 5 epochs on 2 CPU cores (<= 15 min)",
+        "default": "real IMDB, BiGRU 128, 5 epochs on 2 CPU cores (~19 min)",
         "smoke": "synthetic word sequences, seconds (the test suite)",
     }
     targets = {"default": Target("test/accuracy", 0.88), "smoke": Target("test/accuracy", 0.85)}
