@@ -26,6 +26,21 @@ def torchrun_llmlab(args: list[str], nproc: int = 2, timeout: float = 900) -> No
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def gpt_smoke_one_and_fsdp2(tmp_path: Path, args: list[str]) -> tuple[dict, dict, dict, dict, dict]:
+    """`shakespeare-gpt --preset smoke ARGS` in this process and under FSDP2 on 2 processes (torchrun, gloo):
+    (1-process result, 2-process result, their model.safetensors, the 2-process checkpoint of step 12)."""
+    from llmlab.runner import run
+    from llmlab.train.checkpoint import load_weights
+
+    plain, out = tmp_path / "plain", tmp_path / "fsdp2"
+    one = run("shakespeare-gpt", "smoke", args, out=plain, device="cpu")
+    torchrun_llmlab(["run", "shakespeare-gpt", "--preset", "smoke", "--device", "cpu", *args,
+                     "train.strategy=fsdp2", "--out", str(out)])  # fmt: skip
+    two = json.loads((out / "result.json").read_text())
+    a, b = load_weights(plain / "model.safetensors"), load_weights(out / "model.safetensors")
+    return one, two, a, b, load_weights(out / "checkpoints" / "step_00000012" / "model.safetensors")
+
+
 def train_rows(run_dir: Path) -> list[dict]:
     """The run's train-split rows of metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

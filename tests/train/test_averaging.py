@@ -27,7 +27,7 @@ from llmlab.train.config import OptimConfig, TrainConfig
 from llmlab.train.optim import build_optimizer
 from llmlab.train.tasks import ClassificationTask
 from llmlab.train.trainer import evaluate
-from tests.runs import relative_diff, torchrun_llmlab
+from tests.runs import gpt_smoke_one_and_fsdp2, relative_diff
 from tests.train.noisy import noisy_classes, noisy_trainer
 
 
@@ -198,14 +198,7 @@ def test_fsdp2_on_two_processes_averages_as_one_process(tmp_path):
     test_strategies.py)."""
     args = ["train.max_steps=12", "train.eval_every=6", "train.log_every=4", "optim.lr=1e-3"]
     args += ["train.weight_average=ema", "train.ema_decay=0.5", "train.average_start=0.5"]
-    plain = tmp_path / "plain"
-    one = run("shakespeare-gpt", "smoke", args, out=plain, device="cpu")
-    out = tmp_path / "fsdp2"
-    torchrun_llmlab(["run", "shakespeare-gpt", "--preset", "smoke", "--device", "cpu", *args,
-                     "train.strategy=fsdp2", "--out", str(out)])  # fmt: skip
-    two = json.loads((out / "result.json").read_text())
+    one, two, a, b, last = gpt_smoke_one_and_fsdp2(tmp_path, args)
     assert one["metrics"]["average/n"] == two["metrics"]["average/n"] == 7  # steps 6 to 12
-    a, b = load_weights(plain / "model.safetensors"), load_weights(out / "model.safetensors")
     assert relative_diff(a, b) < 1e-5
-    last = load_weights(out / "checkpoints" / "step_00000012" / "model.safetensors")
     assert relative_diff(last, b) > 1e-4  # the last weights are not what was saved
