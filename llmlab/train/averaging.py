@@ -18,12 +18,12 @@ last step's value. The averages are kept in float32 whatever the training precis
 model on every process; they come from `strategy.model_state_dict()`, so every strategy averages the same
 full weights (under ZeRO-3 / FSDP2 / DeepSpeed-3 each update gathers them: prefer average_every > 1 there).
 
-The average is part of every checkpoint (`average/...` tensors and `average/n` in its state), so `--resume`
-continues it exactly. At the end of training the model is set to the average: the validation splits are
-evaluated again on it (the run's val metrics are the averaged model's), the test split is evaluated on it,
-once, and it is the saved model. The twin: `torch.optim.swa_utils.AveragedModel(model, use_buffers=True)` with
-`multi_avg_fn=get_ema_multi_avg_fn(decay)` for ema and the default (equal weights) for swa —
-tests/train/test_averaging.py checks the two agree over a training run.
+The average is part of every checkpoint (the `average` entry of its state: the settings, n and the float32
+tensors), so `--resume` continues it exactly. At the end of training the model is set to the average: the
+validation splits are evaluated again on it (the run's val metrics are the averaged model's), the test split
+is evaluated on it, once, and it is the saved model. The twin: `torch.optim.swa_utils.AveragedModel(model,
+use_buffers=True)` with `multi_avg_fn=get_ema_multi_avg_fn(decay)` for ema and the default (equal weights)
+for swa — tests/train/test_averaging.py checks the two agree over a training run.
 """
 
 from __future__ import annotations
@@ -75,10 +75,6 @@ class WeightAverage:
                 else:
                     avg.copy_(v)
         self.n += 1
-
-    def model_state(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The averaged weights in the dtypes and on the devices of `like` (the model's own state dict)."""
-        return {k: self.weights[k].to(like[k].device, like[k].dtype) for k in like}
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

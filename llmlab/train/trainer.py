@@ -348,9 +348,12 @@ class Trainer:
         with self.strategy.evaluating():
             return evaluate(model, self.task, loader, self.device, self.dist, self.autocast)
 
-    def _run_evals(self, loaders: dict[str, Iterable], select: bool = False) -> None:
+    def _run_evals(
+        self, loaders: dict[str, Iterable], select: bool = False, weights: str | None = None
+    ) -> None:
         """Evaluate each split (its metrics become final metrics and a log record); `select`: these are the
-        evaluations during training, which train.best_metric selects among."""
+        evaluations during training, which train.best_metric selects among; `weights`: which weights the log
+        records say were evaluated, when not the current step's (e.g. "ema average")."""
         evaluated: dict[str, float] = {}
         for split, loader in loaders.items():
             metrics = self.evaluate(loader)
@@ -362,6 +365,7 @@ class Trainer:
                 "epoch": round(self.epoch_float, 4),
                 "split": split,
                 "time_s": round(self.train_time_s, 3),
+                **({"weights": weights} if weights is not None else {}),
                 **metrics,
             }
             self._emit("on_log", record)
@@ -406,13 +410,7 @@ class Trainer:
         if self.average is None or self.average.n == 0:
             return  # the run ended before the first averaged step: the last weights stay
         self.strategy.load_model_state_dict(self.average.weights)
-        for split, loader in self.eval_loaders.items():
-            metrics = self.evaluate(loader)
-            self.final_metrics.update({f"{split}/{k}": v for k, v in metrics.items()})
-            record = {"step": self.step, "epoch": round(self.epoch_float, 4), "split": split,
-                      "time_s": round(self.train_time_s, 3), "weights": f"{self.average.kind} average",
-                      **metrics}  # fmt: skip
-            self._emit("on_log", record)
+        self._run_evals(self.eval_loaders, weights=f"{self.average.kind} average")
         self.final_metrics["average/n"] = float(self.average.n)
         self.final_metrics["average/first_step"] = float(self.average.start_step)
 
