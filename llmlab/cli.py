@@ -513,10 +513,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shutdown_distributed() -> None:
+    """Destroy the process groups while the interpreter is whole, collecting reference cycles (DeepSpeed's
+    engine, gloo work) first. Left to interpreter teardown, tensors that gloo's worker threads hold can be
+    freed after Python is gone, which aborts the process ("terminate called without an active exception")
+    after a run that completed; CI saw this once, on a resumed ZeRO-3 run (pytorch/pytorch#179291)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -294,6 +294,9 @@ class DeepSpeedStrategy(Strategy):
         """A plain module with the whole fp32 weights (stage 3 keeps the trained one partitioned, bf16 mode
         keeps it in bf16)."""
         plain = fill_skeleton(self._skeleton, self.model_state_dict(), self.device)
+        # The engine is done: drop its hooks and buffers now, while every process group is alive (ZeRO-3's
+        # parameter hooks otherwise live on in reference cycles until the interpreter tears down).
+        self.engine.destroy()
         if self._own_group:
             dist.destroy_process_group()
         return plain
