@@ -14,7 +14,9 @@ Each direction is `torch.nn.LSTM`/`GRU` (`impl="fused"`, the fast default) or ll
 `llmlab.nn.rnn.LSTM`/`GRU` (`impl="scratch"`): same parameter names, so weights move between the two.
 `convert_torch_rnn_state_dict` maps a (multi-layer, bidirectional) torch.nn.LSTM/GRU's weights onto this
 layout. Max-pooling over time follows Collobert et al. (2011) and Conneau et al. (2017, InferSent); "last"
-concatenates the final states of both directions (the forward one at each sequence's last valid step).
+concatenates the final states of both directions (the forward one at each sequence's last valid step);
+"max+mean" concatenates the max- and mean-pooled outputs (the "concat pooling" of Howard & Ruder 2018,
+ULMFiT, without its last state), so the classifier sees 2·D·H features.
 
 Word-type dropout (`embed_dropout`; Gal & Ghahramani 2016, §4, "embedding dropout" in Merity et al. 2018's
 AWD-LSTM): in training, each vocabulary word is dropped with probability p for the whole batch (its embedding
@@ -54,7 +56,7 @@ class RNNClassifierConfig:
     bidirectional: bool = True
     dropout: float = 0.3  # on the embeddings, between recurrent layers, and before the classifier
     embed_dropout: float = 0.0  # word-type dropout: each vocabulary word dropped for a whole training batch
-    pooling: Literal["max", "mean", "last"] = "max"
+    pooling: Literal["max", "mean", "max+mean", "last"] = "max"
     num_classes: int = 2
     # LSTM only: start the forget gate's total bias at this value (Jozefowicz et al. 2015 recommend 1.0, so
     # the cell remembers by default early in training); None keeps torch's uniform initialisation.
@@ -113,7 +115,8 @@ class RNNClassifier(nn.Module):
             for k in range(cfg.layers)
         )
         self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(directions * cfg.hidden, cfg.num_classes)
+        pooled = directions * cfg.hidden * (2 if cfg.pooling == "max+mean" else 1)
+        self.classifier = nn.Linear(pooled, cfg.num_classes)
         if cfg.cell == "lstm" and cfg.lstm_forget_bias is not None:
             with torch.no_grad():
                 for name, p in self.rnn.named_parameters():
@@ -144,16 +147,19 @@ class RNNClassifier(nn.Module):
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens [B, T], lengths [B] → logits [B, num_classes]."""
         out, final = self.encode(tokens, lengths)
-        if self.cfg.pooling == "last":
-            pooled = final  # [B, D*H]
-        elif self.cfg.pooling == "max":
+        pooling = self.cfg.pooling
+        if pooling == "last":
+            return self.classifier(self.dropout(final))  # final [B, D*H] → [B, K]
+        parts = []
+        if pooling in ("max", "max+mean"):
             valid = (
                 torch.arange(tokens.shape[1], device=tokens.device)[None, :]
                 < lengths.to(tokens.device)[:, None]
-            )
-            pooled = out.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # [B, D*H]
-        else:
-            pooled = out.sum(dim=1) / lengths.to(out)[:, None]  # [B, D*H]: padding is zero
+            )  # [B, T]
+            parts.append(out.masked_fill(~valid[..., None], float("-inf")).amax(dim=1))  # [B, D*H]
+        if pooling in ("mean", "max+mean"):
+            parts.append(out.sum(dim=1) / lengths.to(out)[:, None])  # [B, D*H]: padding is zero
+        pooled = torch.cat(parts, dim=-1)  # [B, D*H] or, max+mean, [B, 2*D*H]
         return self.classifier(self.dropout(pooled))  # [B, K]
 
 
