@@ -4,7 +4,9 @@ Pipeline: clean (`<br />`), lowercase, split into words; a vocabulary built on t
 with the run as vocab.json); truncation ("head+tail" keeps the start and the end of long reviews) and
 length-bucketed batches, so almost no compute goes to padding. Model: embedding → bidirectional LSTM/GRU →
 max-pooling over time → linear (llmlab/models/rnn.py); the fused torch.nn layers by default, llmlab's own
-from-scratch layers with `model.impl=scratch`. 2,500 training reviews are held out (stratified) as the
+from-scratch layers with `model.impl=scratch`. The LSTM preset has 192 units per direction and ends with the
+mean of its weights after every step of the last 40% of the run (`train.weight_average=swa`); the GRU's has
+128 and its last weights. 2,500 training reviews are held out (stratified) as the
 validation split; the test set is evaluated once, at the end. Every run also reports a baseline anyone can
 check: TF-IDF (word uni+bigrams) + logistic regression, its C chosen on the validation split.
 """
@@ -61,18 +63,29 @@ class ImdbRNNConfig:
 
 # ------------------------------------------------------------------------------------------- presets
 def _default(cell: str) -> ImdbRNNConfig:
+    # The LSTM: 192 units and the mean of its weights over the last 40% of the run (SWA) lift its 3-seed val
+    # and test means over 128 units and the last weights (docs/results.md, "imdb-lstm's preset since
+    # 2026-12-03"); the GRU meets its goal with 128 units and its last weights.
+    lstm = cell == "lstm"
     return ImdbRNNConfig(
         model=RNNClassifierConfig(
             cell=cell,
             vocab_size=30_000,
             embed_dim=128,
-            hidden=128,
+            hidden=192 if lstm else 128,
             bidirectional=True,
             dropout=0.4,
             pooling="max",
         ),
         train=TrainConfig(
-            batch_size=64, max_epochs=5, eval_every=0, log_every=50, precision="fp32", grad_clip=1.0
+            batch_size=64,
+            max_epochs=5,
+            eval_every=0,
+            log_every=50,
+            precision="fp32",
+            grad_clip=1.0,
+            weight_average="swa" if lstm else "none",
+            average_start=0.6 if lstm else 0.0,
         ),
         optim=OptimConfig(name="adamw", lr=4e-3, weight_decay=0.01),
         schedule=ScheduleConfig(name="cosine", warmup_frac=0.05, min_lr_ratio=0.05),
@@ -275,7 +288,7 @@ class ImdbLSTM(_ImdbRecipe):
     description = "Stage 3: bidirectional LSTM sentiment classifier on IMDB (+ TF-IDF baseline)"
     presets = {"default": lambda: _default("lstm"), "smoke": lambda: _smoke("lstm")}
     preset_help = {
-        "default": "real IMDB, BiLSTM 128, 5 epochs on 2 CPU cores (<= 15 min)",
+        "default": "real IMDB, BiLSTM 192, 5 epochs, SWA of the last 40%, on 2 CPU cores (~12 min)",
         "smoke": "synthetic word sequences, seconds (the test suite)",
     }
     targets = {"default": Target("test/accuracy", 0.88), "smoke": Target("test/accuracy", 0.85)}
