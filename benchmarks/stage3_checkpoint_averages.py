@@ -4,7 +4,7 @@
 
 For each finished run (RUN_OR_SWEEP_DIR itself, or every run folder inside a sweep folder) its kept
 checkpoints (`checkpoints/step_*`) are averaged in float64 and evaluated on the run's val and test splits,
-the model and data rebuilt from the run's config as `llmlab eval` does:
+the model and data rebuilt from the run's config as `llmlab eval` does (`runner.rebuild_run`):
 - "last": the last checkpoint alone (the run's own final weights);
 - "mean from F": the plain mean of the checkpoints at steps >= F × the run's steps (what
   `train.weight_average=swa train.average_start=F train.average_every=<checkpoint_every>` ends with);
@@ -25,11 +25,8 @@ from pathlib import Path
 
 import torch
 
-from llmlab.recipes.base import BuildContext
-from llmlab.runner import load_run_config
+from llmlab.runner import rebuild_run
 from llmlab.train.checkpoint import list_checkpoints, load_checkpoint
-from llmlab.train.distributed import DistEnv
-from llmlab.train.rng import seed_everything
 from llmlab.train.trainer import evaluate
 
 MEAN_FROM = (0.4, 0.6, 0.8)
@@ -60,11 +57,7 @@ def averages(states: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[str, 
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None) -> dict[str, dict[str, float]]:
-    recipe, cfg, _ = load_run_config(run_dir)
-    cfg = recipe.eval_config(cfg)
-    seed_everything(cfg.seed)
-    device = torch.device("cpu")
-    exp = recipe.build(cfg, BuildContext(device=device, dist=DistEnv(), data_dir=data_dir, run_dir=run_dir))
+    exp, device = rebuild_run(run_dir, "cpu", data_dir)
     loaders = {**exp.eval_loaders, **exp.final_loaders}
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if len(ckpts) < 2:

@@ -381,6 +381,21 @@ def load_run_config(run_dir: Path) -> tuple[Any, Any, str]:
         raise RunDirError(f"{path} is corrupt: {err}") from err
 
 
+def rebuild_run(
+    run_dir: Path, device: str = "auto", data_dir: Path | str | None = None, overrides: Sequence[str] = ()
+) -> tuple[Experiment, torch.device]:
+    """A finished run's experiment (model with fresh weights, data, task) rebuilt from its config.json for
+    evaluation, and the device it was built on."""
+    recipe, cfg, _ = load_run_config(run_dir)
+    cfg = recipe.eval_config(apply_overrides(cfg, list(overrides)))
+    dev = resolve_device(device)
+    seed_everything(cfg.seed)
+    ctx = BuildContext(
+        device=dev, dist=DistEnv(), data_dir=Path(data_dir) if data_dir else None, run_dir=run_dir
+    )
+    return recipe.build(cfg, ctx), dev
+
+
 def evaluate_run(
     run_dir: Path | str,
     split: str = "test",
@@ -392,22 +407,13 @@ def evaluate_run(
     its metrics (plus, for recipes with a final evaluation, that one's metrics and facts, e.g. a BLEU
     signature)."""
     run_dir = Path(run_dir)
-    recipe, cfg, _ = load_run_config(run_dir)
     changed = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("decode.")]
     if changed:
         raise ConfigError(
             f"llmlab eval changes only decoding settings (decode.*), not {', '.join(changed)}: the weights "
             "belong to the run's model and data"
         )
-    cfg = recipe.eval_config(apply_overrides(cfg, list(overrides)))
-    dev = resolve_device(device)
-    seed_everything(cfg.seed)
-    exp = recipe.build(
-        cfg,
-        BuildContext(
-            device=dev, dist=DistEnv(), data_dir=Path(data_dir) if data_dir else None, run_dir=run_dir
-        ),
-    )
+    exp, dev = rebuild_run(run_dir, device, data_dir, overrides)
     loaders = {**exp.eval_loaders, **exp.final_loaders}
     if split not in loaders:
         raise ConfigError(f"split {split!r} not available; choose from {', '.join(loaders)}")
